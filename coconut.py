@@ -1,0 +1,226 @@
+"""
+Chain of Continuous Thought (Coconut; Hao et al., 2024, arXiv 2412.06769), on top of model.py.
+
+Flow of the repository: data -> model -> coconut -> train -> sample.
+
+The method in three parts, in the order a reader needs them:
+1. the curriculum: at stage k the first k reasoning steps of an example are replaced by k*c
+   <|latent|> slots between <|start-latent|> and <|end-latent|>, and the loss ignores question,
+   markers and slots (stage_layout, build_example, collate);
+2. the forward: each <|latent|> slot takes as its input embedding the last hidden state (after
+   ln_f) of the position just before it, a "continuous thought"; since that state only exists once
+   the prefix has been run, n thoughts take n+1 passes, each reusing the KV cache of the prefix,
+   and the loss back-propagates through every thought (Coconut.forward);
+3. batched greedy generation: run the thoughts, then decode with the KV cache (Coconut.generate).
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from data import END_LATENT, EOS, LATENT, START_LATENT
+from model import KVCache
+
+# The variants of the paper's Table 1. All share one code path; they differ in the layout of the
+# examples (stage_layout) and, for "pause", in whether thoughts are fed back (Coconut.feedback).
+METHODS = ("coconut", "cot", "no-cot", "no-thoughts", "pause", "no-curriculum")
+
+
+@dataclass
+class Curriculum:
+    method: str = "coconut"
+    c: int = 1  # thoughts per replaced reasoning step ("c" in the paper)
+    max_latent_stage: int = 6  # past this stage every step is gone and the thoughts stop growing
+    pad_latent_to_max: bool = True  # past it, always max_latent_stage*c thoughts (the official default)
+    uniform_prob: float = 0.0  # chance that a training example gets a random stage (the paper's analysis model)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+
+    @property
+    def markers(self):
+        # the official code writes <|start-latent|> / <|end-latent|> only where thoughts may follow
+        return self.method in ("coconut", "pause", "no-curriculum")
+
+
+def stage_layout(curriculum, stage, n_steps):
+    """(steps removed, thoughts) for an example with n_steps reasoning steps at a stage.
+
+    The one place the curriculum is decided, for training and evaluation alike.
+    """
+    cur = curriculum
+    if cur.method == "cot":  # stage 0 for ever: the whole chain of thought in language
+        return 0, 0
+    if cur.method == "no-cot":  # question straight to answer
+        return n_steps, 0
+    if cur.method == "no-curriculum":  # straight to the last stage
+        stage = cur.max_latent_stage + 1
+    if stage > cur.max_latent_stage:
+        n_removed = n_steps
+        k = cur.max_latent_stage if cur.pad_latent_to_max else min(n_steps, cur.max_latent_stage)
+    else:
+        # an example with fewer than `stage` steps loses them all; with pad_latent_to_max it still
+        # gets stage*c thoughts (as the official code trains it), without it one per removed step
+        n_removed = min(stage, n_steps)
+        k = stage if cur.pad_latent_to_max else n_removed
+    c = 0 if cur.method == "no-thoughts" else cur.c  # "w/o thought": the curriculum, no thoughts
+    return n_removed, k * c
+
+
+def build_example(tokens, curriculum, stage, rng=None, prompt_only=False, n_thoughts=None):
+    """input_ids and labels of one example, from data.tokenize_record's output.
+
+    Layout: question [<|start-latent|> <|latent|>*n <|end-latent|>] remaining steps "### answer" eos.
+    Labels are -100 on the question, the markers and the thoughts (aligned with input_ids; the
+    shift happens in the loss). prompt_only stops after the thoughts (for generation);
+    n_thoughts overrides the count (the paper's sweep of k at inference).
+    rng: a random.Random, for uniform_prob (a random stage per example, training only).
+    """
+    n_steps = len(tokens["steps"])
+    if rng is not None and curriculum.uniform_prob > 0 and rng.random() < curriculum.uniform_prob:
+        stage = rng.randint(0, n_steps)
+    n_removed, n_latent = stage_layout(curriculum, stage, n_steps)
+    if n_thoughts is not None:
+        n_latent = n_thoughts
+    prompt = list(tokens["question"])
+    if curriculum.markers:
+        prompt += [START_LATENT] + [LATENT] * n_latent + [END_LATENT]
+    if prompt_only:
+        return {"input_ids": prompt, "labels": [-100] * len(prompt)}
+    target = [t for step in tokens["steps"][n_removed:] for t in step] + list(tokens["answer"])
+    return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
+
+
+def collate(examples, for_generation=False):
+    """Pad a list of examples into tensors: input_ids, labels, attention_mask, position_ids.
+
+    Training (the official layout): left-pad each row so that every row's first <|latent|> sits in
+    the same column, then right-pad to the longest row. Generation: left-pad every prompt to the
+    same length, so that all rows continue from the last column.
+    Position ids restart at 0 after the left pads; pads are eos with attention 0 and label -100
+    (a generation batch has no labels, so that it can be passed as Coconut.generate(**batch)).
+    """
+    def first_latent(ids):
+        return ids.index(LATENT) if LATENT in ids else None
+
+    if for_generation:
+        longest = max(len(e["input_ids"]) for e in examples)
+        left = [longest - len(e["input_ids"]) for e in examples]
+    else:
+        firsts = [first_latent(e["input_ids"]) for e in examples]
+        align = max((f for f in firsts if f is not None), default=0)
+        left = [0 if f is None else align - f for f in firsts]
+    T = max(pad + len(e["input_ids"]) for pad, e in zip(left, examples))
+    B = len(examples)
+    batch = {"input_ids": torch.full((B, T), EOS, dtype=torch.long),
+             "labels": torch.full((B, T), -100, dtype=torch.long),
+             "attention_mask": torch.zeros((B, T), dtype=torch.long),
+             "position_ids": torch.zeros((B, T), dtype=torch.long)}
+    for i, (pad, e) in enumerate(zip(left, examples)):
+        n = len(e["input_ids"])
+        batch["input_ids"][i, pad:pad + n] = torch.tensor(e["input_ids"])
+        batch["labels"][i, pad:pad + n] = torch.tensor(e["labels"])
+        batch["attention_mask"][i, pad:pad + n] = 1
+        batch["position_ids"][i, pad:pad + n] = torch.arange(n)
+    if for_generation:
+        del batch["labels"]
+    return batch
+
+
+class Coconut(nn.Module):
+    """A GPT from model.py that thinks in continuous thoughts at its <|latent|> positions."""
+
+    def __init__(self, gpt, latent_id=LATENT, start_id=START_LATENT, end_id=END_LATENT, eos_id=EOS,
+                 feedback=True):
+        super().__init__()
+        self.gpt = gpt
+        self.latent_id, self.start_id, self.end_id, self.eos_id = latent_id, start_id, end_id, eos_id
+        # feedback=False keeps <|latent|> as an ordinary learned token: the paper's "pause as thought"
+        self.feedback = feedback
+
+    def think(self, input_ids, attention_mask, position_ids, cache):
+        """Final hidden states (B, T, C) of every position, each <|latent|> position fed the
+        hidden state of the position before it; also the number of passes run.
+
+        The columns are cut into segments that each start at a column where some row has a
+        <|latent|>; so when a segment runs, the thought it needs (the last hidden state of the
+        previous segment) exists. With the official layout (every row's thoughts in the same
+        columns) that is exactly its schedule: the prefix, then one pass per thought, then the rest.
+        """
+        B, T = input_ids.shape
+        is_latent = (input_ids == self.latent_id) & self.feedback
+        latent_cols = is_latent.any(dim=0).nonzero().flatten().tolist()
+        if latent_cols and latent_cols[0] == 0:
+            raise ValueError("a <|latent|> in the first column has no hidden state to take")
+        bounds = [0] + latent_cols + [T]
+        hidden = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if a == b:  # a <|latent|> in the last column: its segment is empty
+                continue
+            x = self.gpt.transformer.wte(input_ids[:, a:b])
+            if hidden:  # write the thought in, for the rows that think in column a
+                thought = hidden[-1][:, -1]
+                first = torch.where(is_latent[:, a, None], thought, x[:, 0])
+                x = torch.cat([first[:, None], x[:, 1:]], dim=1)
+            hidden.append(self.gpt.hidden(embeds=x, position_ids=position_ids[:, a:b],
+                                          attention_mask=attention_mask[:, a:b], cache=cache))
+        return torch.cat(hidden, dim=1), len(hidden)
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, return_logits=True):
+        """(loss, logits): mean cross-entropy over the labels that are not -100, labels aligned with
+        input_ids and shifted here (as the official code does); logits (B, T, vocab) at every
+        position, or None with return_logits=False (training: the output layer then runs only
+        where there is a label, which on a CPU is most of the time saved)."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        hidden, _ = self.think(input_ids, attention_mask, position_ids, KVCache())
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        logits_sup = self.gpt.lm_head(hidden[:, :-1][supervised])
+        loss = F.cross_entropy(logits_sup.float(), targets[supervised])
+        return loss, (self.gpt.lm_head(hidden) if return_logits else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, position_ids=None, max_new_tokens=128,
+                 return_thoughts=False):
+        """Greedy answers to a left-padded batch of prompts (question, then any markers and
+        <|latent|> slots): runs the thoughts, then decodes with the KV cache, each row stopping at
+        its own eos. Returns per row the list of new token ids (prompt and eos excluded); with
+        return_thoughts also, per row, its thoughts as a (n_thoughts, C) tensor, and the number
+        of forward passes run (thought passes plus one per decoded token, as the paper counts)."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = KVCache()
+        hidden, n_passes = self.think(input_ids, attention_mask, position_ids, cache)
+        next_position = position_ids[:, -1] + 1
+        logits = self.gpt.lm_head(hidden[:, -1])
+        new_tokens = []
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            token = torch.where(done, self.eos_id, logits.argmax(dim=-1))
+            new_tokens.append(token)
+            done |= token == self.eos_id
+            if done.all() or int(next_position.max()) >= self.gpt.config.block_size:
+                break
+            h = self.gpt.hidden(token[:, None], position_ids=next_position[:, None], cache=cache)
+            logits = self.gpt.lm_head(h[:, -1])
+            next_position = next_position + 1
+            n_passes += 1
+        rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(B)]
+        answers = [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
+        if not return_thoughts:
+            return answers
+        is_latent = (input_ids == self.latent_id) & self.feedback
+        # a thought is the hidden state of the position before its <|latent|> slot
+        thoughts = [hidden[i, is_latent[i].nonzero().flatten() - 1] for i in range(B)]
+        return answers, thoughts, n_passes
