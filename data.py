@@ -6,15 +6,26 @@ it knows how text becomes token ids, and how the ProsQA / ProntoQA / GSM8k recor
 
 Records use the JSON format of the official release (facebookresearch/coconut):
 a list of {"question": str, "steps": [str, ...], "answer": str}.
+
+    python data.py --dataset prosqa --out data/prosqa        # or prontoqa: the paper's three splits
+    python data.py --dataset gsm8k --from train.txt --out data/gsm8k
+    python data.py --stats data/prosqa/test.json             # compare with DATA.md's statistics
 """
 
+import argparse
 import functools
 import hashlib
 import importlib.util
+import json
+import math
 import os
+import random
+import sys
+from collections import Counter, deque
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Tokenizer: exactly tiktoken's "gpt2" encoding, plus Coconut's three new tokens.
@@ -83,3 +94,432 @@ def encode(text):
 
 def decode(ids):
     return get_tokenizer().decode([int(i) for i in ids])
+
+
+# -----------------------------------------------------------------------------
+# Records: load, save, tokenize, grade. The JSON layout is the official release's.
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and the record (or line) at fault."""
+
+
+def load_records(path):
+    """A JSON list of {"question", "steps", "answer", ...} records, checked one by one.
+    Extra keys (ProsQA's graph fields) are kept as they are."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, r in enumerate(records):
+        check_record(r, f"{path}: record {i}")
+    return records
+
+
+def check_record(r, where):
+    if not isinstance(r, dict):
+        raise DataError(f"{where}: expected an object, got {type(r).__name__}")
+    for key in ("question", "steps", "answer"):
+        if key not in r:
+            raise DataError(f"{where}: missing key '{key}'")
+    if not isinstance(r["question"], str) or not isinstance(r["answer"], str):
+        raise DataError(f"{where}: 'question' and 'answer' must be strings")
+    if not isinstance(r["steps"], list) or not all(isinstance(s, str) for s in r["steps"]):
+        raise DataError(f"{where}: 'steps' must be a list of strings")
+    # a model that writes the gold answer perfectly must be graded correct
+    if not grade(f"### {r['answer']}", r["answer"]):
+        raise DataError(f"{where}: answer {r['answer']!r} cannot be graded (it contains '#')")
+
+
+def save_records(records, path, overwrite=False):
+    """Write records as a JSON list: to a temporary file in the same folder, then os.replace, so
+    that an interrupted run never leaves a half-written file under the real name."""
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # same disk: replace is atomic
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(records, f, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def tokenize_record(record, index=None, path=None):
+    """The official token layout, segment by segment: question + "\\n", each step + "\\n",
+    "### " + answer, then eos. The segments must concatenate to the tokens of the whole text,
+    else the model would train on a sequence it never sees at test time; the official code checks
+    this on the first record only, we check every record."""
+    question = encode(record["question"] + "\n")
+    steps = [encode(s + "\n") for s in record["steps"]]  # an empty step [""] gives encode("\n")
+    answer = encode("### " + record["answer"])
+    whole = record["question"] + "\n" + "".join(s + "\n" for s in record["steps"]) + "### " + record["answer"]
+    if question + [t for s in steps for t in s] + answer != encode(whole):
+        where = f"{path or '<records>'}: record {index if index is not None else '?'}"
+        raise DataError(f"{where}: tokenizing segment by segment differs from tokenizing the whole "
+                        "text (check for whitespace at the ends of the question or steps)")
+    return dict(question=question, steps=steps, answer=answer + [EOS])
+
+
+def grade(generated_text, answer):
+    """The paper's rule: the text after the last '#', commas removed, stripped, must equal the
+    gold answer with commas removed (so "2,125" and "2125" agree)."""
+    prediction = generated_text.split("#")[-1].replace(",", "").strip()
+    return prediction == answer.replace(",", "").strip()
+
+
+# -----------------------------------------------------------------------------
+# ProsQA: the paper's Algorithm 1, with the choices DATA.md found to reproduce the release.
+
+PERSONS = ("Alex Bob Carol Davis Eva Fae Gabriel Jack Max Oliver Polly Rex Sally Sam Stella Tom "
+           "Wren").split()
+PROSQA_CONCEPTS = ("bompus boompus brimpus chorpus dumpus felpus fompus gerpus gorpus grimpus gwompus "
+                   "hilpus impus jelpus jompus kerpus lempus lorpus numpus quimpus rempus rompus rorpus "
+                   "scrompus shumpus sterpus storpus terpus timpus tumpus vumpus worpus wumpus yerpus "
+                   "yimpus yumpus zhorpus zumpus").split()
+
+
+def poisson(rng, lam):
+    # Knuth's method: enough for lam = 1.5, and deterministic under random.Random
+    k, p, limit = 0, rng.random(), math.exp(-lam)
+    while p > limit:
+        k, p = k + 1, p * rng.random()
+    return k
+
+
+def bfs(children, source):
+    """Shortest distance from source, and the number of shortest paths, to every reachable node."""
+    dist, count, queue = {source: 0}, {source: 1}, deque([source])
+    while queue:
+        u = queue.popleft()
+        for v in children[u]:
+            if v not in dist:
+                dist[v], count[v] = dist[u] + 1, 0
+                queue.append(v)
+            if dist[v] == dist[u] + 1:
+                count[v] += count[u]
+    return dist, count
+
+
+def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6):
+    """One ProsQA record, or None when the graph is rejected (about 1 in 10 at the defaults)."""
+    # 1-2. grow a DAG; label bit 1 = descends from node 0, bit 2 = descends from node 1
+    parents, label, depth = [[], []], [1, 2], [0, 0]
+    for n in range(2, max_nodes):
+        k, u = poisson(rng, 1.5), rng.random()
+        # the single-family branches admit only that family: letting label-0 nodes in, as the
+        # pseudo-code reads literally, gives ~4.8 persons per record instead of the release's 2.6
+        family = 1 if u <= 0.35 else 2 if u <= 0.7 else None
+        candidates = [i for i in range(n) if family is None or label[i] == family]
+        weights = [1.5 * depth[i] + 1 for i in candidates]  # deeper parents give longer chains
+        chosen = []
+        for _ in range(min(k, len(candidates))):  # k draws without replacement
+            j = rng.choices(range(len(candidates)), weights)[0]
+            chosen.append(candidates.pop(j))
+            weights.pop(j)
+        parents.append(sorted(chosen))
+        label.append(0)
+        for p in chosen:
+            label[n] |= label[p]
+        depth.append(1 + min(depth[p] for p in chosen) if chosen else 0)
+    # 3. drop isolated nodes, keeping creation order (so u < v on every edge)
+    children = [[] for _ in parents]
+    for v, ps in enumerate(parents):
+        for p in ps:
+            children[p].append(v)
+    keep = [i for i in range(max_nodes) if parents[i] or children[i]]
+    if 0 not in keep or 1 not in keep:
+        return None
+    # 4. exclusive leaves: the labels say exactly which of nodes 0 and 1 reaches a node
+    leaves = [[i for i in keep if not children[i] and label[i] == bit] for bit in (1, 2)]
+    if not leaves[0] or not leaves[1]:
+        return None
+    dists = [bfs(children, s)[0] for s in (0, 1)]
+    far = [max(dists[s][leaf] for leaf in leaves[s]) for s in (0, 1)]
+    root = rng.choice([s for s in (0, 1) if far[s] == max(far)])
+    target = rng.choice([leaf for leaf in leaves[root] if dists[root][leaf] == far[root]])
+    neg_target = rng.choice(leaves[1 - root])
+    # 5. keep graphs whose answer needs min_steps..max_steps hops
+    if not min_steps <= far[root] <= max_steps:
+        return None
+    # a uniformly random shortest path: walk back from the target, choosing each predecessor in
+    # proportion to the number of shortest paths that reach it
+    dist, count = bfs(children, root)
+    path = [target]
+    while path[-1] != root:
+        preds = [p for p in parents[path[-1]] if dist.get(p) == dist[path[-1]] - 1]
+        path.append(rng.choices(preds, [count[p] for p in preds])[0])
+    path.reverse()
+    # names: persons for parentless nodes, "-pus" concepts for the others, distinct in a record
+    persons = [i for i in keep if not parents[i]]
+    concepts = [i for i in keep if parents[i]]
+    if len(persons) > len(PERSONS) or len(concepts) > len(PROSQA_CONCEPTS):
+        return None  # only possible with a much larger max_nodes than the paper's
+    name = dict(zip(persons, rng.sample(PERSONS, len(persons))))
+    name.update(zip(concepts, rng.sample(PROSQA_CONCEPTS, len(concepts))))
+
+    def sentence(u, v):
+        return f"{name[u]} is a {name[v]}." if not parents[u] else f"Every {name[u]} is a {name[v]}."
+
+    edges = [(p, v) for v in keep for p in parents[v]]
+    facts = [sentence(u, v) for u, v in edges]
+    rng.shuffle(facts)
+    options = [name[target], name[neg_target]]
+    rng.shuffle(options)
+    new = {old: i for i, old in enumerate(keep)}  # reindex without the dropped nodes
+    return dict(question=" ".join(facts) + f" Is {name[root]} a {options[0]} or {options[1]}?",
+                steps=[sentence(u, v) for u, v in zip(path, path[1:])],
+                answer=f"{name[root]} is a {name[target]}.",
+                idx_to_symbol=[name[i] for i in keep],
+                edges=[[new[u], new[v]] for u, v in edges],
+                root=new[root], target=new[target], neg_target=new[neg_target])
+
+
+def unique_records(make, rng, n, progress, desc, max_tries=1000):
+    """n records with distinct questions, drawn from make(rng) (which may return None to reject)."""
+    records, seen, misses = [], set(), 0
+    with tqdm(total=n, desc=desc, disable=not progress) as bar:
+        while len(records) < n:
+            r = make(rng)
+            if r is None or r["question"] in seen:
+                misses += 1
+                if misses >= max_tries:
+                    raise ValueError(f"{desc}: {max_tries} draws in a row were rejected or repeated; "
+                                     "loosen the size knobs")
+                continue
+            misses = 0
+            seen.add(r["question"])
+            records.append(r)
+            bar.update(1)
+    return records
+
+
+def generate_prosqa(n, seed, max_nodes=28, min_steps=3, max_steps=6, progress=False):
+    """n ProsQA records with distinct questions. The defaults reproduce the paper's release
+    (22.8 nodes, 35.8 edges, 3.78 steps on average). For a small CPU-scale variant with the same
+    construction, shrink the graph: max_nodes=12, min_steps=2, max_steps=4 gives ~10 nodes, ~12
+    edges, ~2.5 steps and questions of ~125 tokens (a third of the paper's)."""
+    if not 1 <= min_steps <= max_steps or max_nodes < 4:
+        raise ValueError(f"need 1 <= min_steps <= max_steps and max_nodes >= 4, got "
+                         f"max_nodes={max_nodes}, min_steps={min_steps}, max_steps={max_steps}")
+    rng = random.Random(seed)
+    return unique_records(lambda rng: prosqa_record(rng, max_nodes, min_steps, max_steps),
+                          rng, n, progress, "prosqa")
+
+
+# -----------------------------------------------------------------------------
+# ProntoQA: 5-hop proofs over a fictional ontology, laid out as the official pipeline does.
+
+PRONTOQA_CONCEPTS = ("wumpus yumpus zumpus dumpus rompus numpus tumpus vumpus impus jompus gorpus "
+                     "shumpus lempus sterpus grimpus lorpus brimpus").split()
+ENTITIES = "Fae Rex Sally Max Alex Sam Polly Stella Wren".split()
+PROPERTY_FAMILIES = [f.split() for f in (
+    "blue red brown orange", "small large", "metallic wooden luminous liquid", "transparent opaque",
+    "nervous happy feisty shy", "bright dull", "sweet sour spicy bitter", "floral fruity earthy",
+    "hot cold temperate", "kind mean angry amenable aggressive", "melodic muffled discordant loud",
+    "slow moderate fast", "windy sunny overcast rainy snowy")]
+NEGATION_P = 0.25  # our choice: DATA.md says only "sometimes negated"; the paper's example has 1 in 11
+
+
+def a_or_an(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def rule(rng, concept, predicate, negated=False):
+    """A universal rule in one of the generator's surface forms: plural half the time, else
+    'Every ...' or 'Each ...'. predicate is a concept (an is-a rule) or an adjective."""
+    is_a = predicate in PRONTOQA_CONCEPTS
+    not_ = "not " if negated else ""
+    if rng.random() < 0.5:
+        obj = predicate + "es" if is_a else predicate
+        return f"{concept.capitalize()}es are {not_}{obj}."
+    obj = a_or_an(predicate) if is_a else predicate
+    return f"{rng.choice(['Every', 'Each'])} {concept} is {not_}{obj}."
+
+
+def prontoqa_record(rng):
+    """One record: 23 shuffled rules, two entity premises, a query; an 11-sentence proof."""
+    c = rng.sample(PRONTOQA_CONCEPTS, 14)
+    chain, side, tree, unused = c[:6], c[6:11], c[11:13], c[13]  # chain[5] -> ... -> chain[0]
+    entity = rng.choice(ENTITIES)
+    # c1..c5, their distractor parents and the distractor tree's child each get a property of
+    # its own family, so nothing the entity inherits can contradict anything else
+    owners = chain[1:] + side + [tree[1]]
+    props = {o: (rng.choice(f), rng.random() < NEGATION_P)
+             for o, f in zip(owners, rng.sample(PROPERTY_FAMILIES, len(owners)))}
+    is_a = {chain[i]: rule(rng, chain[i], chain[i - 1]) for i in range(1, 6)}
+    has = {o: rule(rng, o, adj, neg) for o, (adj, neg) in props.items()}
+    adj, neg = props[chain[1]]  # the proof concludes "entity is (not) adj" from c1's rule
+    rules = (list(is_a.values()) + list(has.values()) + [rule(rng, tree[1], tree[0])]
+             + [rule(rng, chain[i], side[i - 1]) for i in range(1, 6)]
+             + [rule(rng, unused, adj, not neg)])  # an unused concept with the opposite rule
+    rng.shuffle(rules)
+    premises = [f"{entity} is {a_or_an(chain[5])}.", f"{entity} is {a_or_an(tree[1])}."]
+    rng.shuffle(premises)
+    # the proof: premise, then (rule, derived fact) up the chain, then c1's property rule
+    proof = [f"{entity} is {a_or_an(chain[5])}."]
+    for i in range(5, 1, -1):
+        proof += [is_a[chain[i]], f"{entity} is {a_or_an(chain[i - 1])}."]
+    proof += [has[chain[1]], f"{entity} is {'not ' if neg else ''}{adj}."]
+    flip = rng.random() < 0.5  # the query negates the conclusion half the time
+    query = f"True or false: {entity} is {'not ' if neg != flip else ''}{adj}."
+    return dict(question=" ".join(rules + premises + [query]),
+                steps=[" ".join(proof[i:i + 2]) for i in range(0, 11, 2)],
+                answer="False" if flip else "True")
+
+
+def generate_prontoqa(n, seed, progress=False):
+    """n ProntoQA records (5 hops, fictional ontology) with distinct questions."""
+    return unique_records(prontoqa_record, random.Random(seed), n, progress, "prontoqa")
+
+
+# -----------------------------------------------------------------------------
+# GSM8k: converting the Internalize-CoT text files (or reading the official JSON).
+
+def read_gsm8k(path):
+    """Records from `question||<<a*b=c>> <<c+d=e>> #### answer` lines, converted as the official
+    preprocessing does (an empty chain gives steps [""]); a file that starts with '[' is the
+    official JSON and is loaded unchanged."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return load_records(path)
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines, e.g. at the end of the file
+        if "||" not in line or "##" not in line:
+            raise DataError(f"{path}: line {i}: expected 'question||<<steps>> #### answer'")
+        question, chain = line.split("||", 1)
+        record = dict(question=question,
+                      steps=chain.split("##")[0].strip().split(" "),  # single spaces, as official
+                      answer=chain.split("##")[-1].strip())
+        check_record(record, f"{path}: line {i}")
+        records.append(record)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Splits and statistics.
+
+PAPER_SIZES = {"prosqa": dict(train=17886, valid=300, test=500),
+               "prontoqa": dict(train=9000, valid=200, test=800)}
+SPLITS = ("train", "valid", "test")
+
+
+def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=False, **knobs):
+    """Write out_dir/{train,valid,test}.json (the paper's sizes by default) and return their paths.
+    One stream of records with distinct questions is cut into test, valid, then train, so no
+    question is in two splits, and the test split does not depend on the train size."""
+    if dataset not in PAPER_SIZES:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {sorted(PAPER_SIZES)}")
+    sizes = {**PAPER_SIZES[dataset], **(sizes or {})}
+    paths = {s: os.path.join(out_dir, f"{s}.json") for s in SPLITS}
+    for path in paths.values():  # refuse before spending a minute generating
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
+    n = sum(sizes.values())
+    if dataset == "prosqa":
+        records = generate_prosqa(n, seed, progress=progress, **knobs)
+    else:
+        records = generate_prontoqa(n, seed, progress=progress, **knobs)
+    start = 0
+    for split in ("test", "valid", "train"):
+        save_records(records[start:start + sizes[split]], paths[split], overwrite=overwrite)
+        start += sizes[split]
+    return paths
+
+
+def summary(values):
+    return f"mean {sum(values) / len(values):7.2f}   min {min(values):4d}   max {max(values):4d}"
+
+
+def print_stats(path):
+    """The statistics of DATA.md, to compare a generated or converted file with the release."""
+    records = load_records(path)
+    rows = {"steps": [len(r["steps"]) for r in records]}
+    if all("edges" in r for r in records):  # ProsQA: the graph's statistics as well
+        rows["nodes"] = [len(r["idx_to_symbol"]) for r in records]
+        rows["edges"] = [len(r["edges"]) for r in records]
+        rows["persons"] = [len({u for u, _ in r["edges"]} - {v for _, v in r["edges"]}) for r in records]
+        paths = []
+        for r in records:
+            children = [[] for _ in r["idx_to_symbol"]]
+            for u, v in r["edges"]:
+                children[u].append(v)
+            paths.append(bfs(children, r["root"])[1][r["target"]])
+        rows["shortest paths"] = paths
+    tokens = [tokenize_record(r, i, path) for i, r in enumerate(records)]
+    rows["question+\\n tokens"] = [len(t["question"]) for t in tokens]
+    rows["steps tokens"] = [sum(map(len, t["steps"])) for t in tokens]
+    rows["whole tokens"] = [len(t["question"]) + sum(map(len, t["steps"])) + len(t["answer"]) for t in tokens]
+    print(f"{path}: {len(records)} records")
+    for name, values in rows.items():
+        print(f"  {name:20s} {summary(values)}")
+    histogram = Counter(rows["steps"])
+    print("  steps histogram     " + "  ".join(f"{k}: {100 * histogram[k] / len(records):.1f}%"
+                                             for k in sorted(histogram)))
+    answers = Counter(r["answer"] for r in records)
+    if len(answers) <= 2:  # ProntoQA: is it balanced?
+        print("  answers             " + "  ".join(f"{a}: {100 * c / len(records):.1f}%" for a, c in answers.items()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate ProsQA / ProntoQA splits, convert GSM8k, "
+                                                 "or print a data file's statistics.")
+    parser.add_argument("--dataset", choices=["prosqa", "prontoqa", "gsm8k"], help="what to make")
+    parser.add_argument("--out", help="output folder for the three splits (for gsm8k: a folder, or a "
+                                      "file ending in .json)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the generators")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    for split in SPLITS:
+        parser.add_argument(f"--n-{split}", type=int, help=f"{split} records (default: the paper's)")
+    parser.add_argument("--max-nodes", type=int, help="ProsQA: nodes grown per graph (paper: 28)")
+    parser.add_argument("--min-steps", type=int, help="ProsQA: shortest answer path (paper: 3)")
+    parser.add_argument("--max-steps", type=int, help="ProsQA: longest answer path (paper: 6)")
+    parser.add_argument("--from", dest="source", help="gsm8k: the downloaded .txt or .json file")
+    parser.add_argument("--stats", metavar="FILE", help="print the statistics of a JSON data file")
+    args = parser.parse_args(argv)
+    try:
+        if args.stats:
+            print_stats(args.stats)
+        elif args.dataset == "gsm8k":
+            if not args.source or not args.out:
+                parser.error("--dataset gsm8k needs --from FILE and --out DIR_OR_FILE.json")
+            out = args.out
+            if not out.endswith(".json"):  # a folder: keep the source's name, e.g. train.txt -> train.json
+                out = os.path.join(out, os.path.splitext(os.path.basename(args.source))[0] + ".json")
+            records = read_gsm8k(args.source)
+            for i, r in enumerate(records):  # the layout check, before anything is written
+                tokenize_record(r, i, args.source)
+            save_records(records, out, overwrite=args.overwrite)
+            print(f"wrote {len(records)} records to {out}")
+        elif args.dataset:
+            if not args.out:
+                parser.error(f"--dataset {args.dataset} needs --out DIR")
+            sizes = {s: getattr(args, f"n_{s}") for s in SPLITS if getattr(args, f"n_{s}") is not None}
+            knobs = {k: getattr(args, k) for k in ("max_nodes", "min_steps", "max_steps")
+                     if getattr(args, k) is not None}
+            if knobs and args.dataset != "prosqa":
+                parser.error("--max-nodes, --min-steps and --max-steps are ProsQA's knobs")
+            for split, path in make_splits(args.dataset, args.out, args.seed, sizes, args.overwrite,
+                                           progress=True, **knobs).items():
+                print(f"wrote {path}")
+        else:
+            parser.error("give --dataset (with --out) or --stats FILE")
+    except (ValueError, OSError) as e:  # DataError is a ValueError; FileExistsError an OSError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""
+Tests of data.py's datasets: the ProsQA and ProntoQA generators, the GSM8k reader, the token
+layout, grading, and the handling of bad input. Every check compares against a reference built
+here (a BFS, a tiny forward-chaining reasoner, hand-computed token ids, the numbers of DATA.md),
+never against the code's own output.
+
+Run: python -m pytest -q tests/test_data.py   (about 15 s on two cores, no network)
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import deque
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def prosqa():
+    return data.generate_prosqa(2000, seed=1)
+
+
+# -----------------------------------------------------------------------------
+# ProsQA
+
+def sentences(text):
+    return re.split(r"(?<=[.?]) ", text)
+
+
+def bfs_dist(n, edges, source):
+    children = [[] for _ in range(n)]
+    for u, v in edges:
+        children[u].append(v)
+    dist, queue = {source: 0}, deque([source])
+    while queue:
+        u = queue.popleft()
+        for v in children[u]:
+            if v not in dist:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist
+
+
+def check_prosqa_record(r, min_steps=3, max_steps=6, max_nodes=28):
+    names, edges = r["idx_to_symbol"], [tuple(e) for e in r["edges"]]
+    n = len(names)
+    assert n <= max_nodes and len(set(names)) == n, "names must be distinct"
+    assert len(set(edges)) == len(edges) and all(0 <= u < v < n for u, v in edges)
+    touched = {u for u, _ in edges} | {v for _, v in edges}
+    assert touched == set(range(n)), "no isolated nodes"
+    has_parent = {v for _, v in edges}
+    persons = [i for i in range(n) if i not in has_parent]
+    assert all(names[i] in data.PERSONS for i in persons)
+    assert all(names[i] in data.PROSQA_CONCEPTS for i in range(n) if i in has_parent)
+    root, target, neg = r["root"], r["target"], r["neg_target"]
+    assert root in persons
+    dist = bfs_dist(n, edges, root)
+    assert target in dist and neg not in dist
+    assert min_steps <= dist[target] <= max_steps
+
+    def sentence(u, v):
+        return f"{names[u]} is a {names[v]}." if u in persons else f"Every {names[u]} is a {names[v]}."
+
+    # sentences match edges one to one, then the question
+    tail = re.fullmatch(r"(.*) Is (\w+) a (\w+) or (\w+)\?", r["question"])
+    assert tail and tail.group(2) == names[root]
+    assert {tail.group(3), tail.group(4)} == {names[target], names[neg]}
+    assert sorted(sentences(tail.group(1))) == sorted(sentence(u, v) for u, v in edges)
+    # steps: a path of existing edges from the root to the target, as short as BFS says
+    assert len(r["steps"]) == dist[target]
+    node = root
+    by_sentence = {sentence(u, v): (u, v) for u, v in edges}
+    for s in r["steps"]:
+        u, v = by_sentence[s]
+        assert u == node
+        node = v
+    assert node == target
+    assert r["answer"] == f"{names[root]} is a {names[target]}."
+    return len(persons)
+
+
+def test_prosqa_invariants(prosqa):
+    for r in prosqa:
+        check_prosqa_record(r)
+
+
+def test_prosqa_target_first_about_half_the_time(prosqa):
+    first = sum(r["question"].endswith(f"a {r['idx_to_symbol'][r['target']]} or "
+                                       f"{r['idx_to_symbol'][r['neg_target']]}?") for r in prosqa)
+    assert 0.45 < first / len(prosqa) < 0.55
+
+
+def test_prosqa_size_knob():
+    records = data.generate_prosqa(300, seed=0, max_nodes=12, min_steps=2, max_steps=4)
+    for r in records:
+        check_prosqa_record(r, min_steps=2, max_steps=4, max_nodes=12)
+    assert {len(r["steps"]) for r in records} == {2, 3, 4}  # the whole range is reached
+    with pytest.raises(ValueError):
+        data.generate_prosqa(1, seed=0, min_steps=4, max_steps=3)
+
+
+def test_prosqa_statistics_near_the_release(prosqa):
+    # DATA.md, measured on the official test file: nodes 22.8, edges 35.8, steps 3.78 (40/43/14/2.4 %),
+    # persons 2.6, question 357 tokens. Bounds are loose: 2000 graphs, 300 tokenized questions.
+    def mean(xs):
+        return sum(xs) / len(xs)
+    assert 21.7 < mean([len(r["idx_to_symbol"]) for r in prosqa]) < 23.9
+    assert 34.0 < mean([len(r["edges"]) for r in prosqa]) < 37.6
+    steps = [len(r["steps"]) for r in prosqa]
+    assert 3.6 < mean(steps) < 3.96
+    for k, share in {3: 0.40, 4: 0.43, 5: 0.14, 6: 0.024}.items():
+        assert abs(steps.count(k) / len(steps) - share) < 0.05
+    persons = [len({u for u, _ in r["edges"]} - {v for _, v in r["edges"]}) for r in prosqa]
+    assert 2.3 < mean(persons) < 3.0
+    assert 335 < mean([len(data.encode(r["question"])) for r in prosqa[:300]]) < 380
+
+
+# -----------------------------------------------------------------------------
+# ProntoQA
+
+CONCEPT = r"[a-z]+pus"
+
+
+def parse_rule(sentence):
+    """(subject concept, object, negated) of a universal rule, in any of its surface forms."""
+    m = re.fullmatch(rf"(?:Every|Each) ({CONCEPT}) is (not )?(?:an? )?(\w+)\.", sentence)
+    if m:
+        return m.group(1), m.group(3), bool(m.group(2))
+    m = re.fullmatch(r"([A-Z][a-z]*pus)es are (not )?(\w+)\.", sentence)
+    assert m, sentence
+    obj = m.group(3)[:-2] if m.group(3).endswith("puses") else m.group(3)
+    return m.group(1).lower(), obj, bool(m.group(2))
+
+
+def reason(question):
+    """A tiny forward-chaining reasoner: the context's answer to the query, from scratch."""
+    *context, query = sentences(question)
+    entity_facts = [s for s in context if s.split()[0] in data.ENTITIES]
+    rules = [parse_rule(s) for s in context if s.split()[0] not in data.ENTITIES]
+    assert len(context) == 25 and len(entity_facts) == 2 and context[-2:] == entity_facts
+    is_a = {}
+    props = {}
+    for subj, obj, neg in rules:
+        if obj.endswith("pus"):
+            assert not neg
+            is_a.setdefault(subj, []).append(obj)
+        else:
+            props.setdefault(subj, []).append((obj, not neg))
+    classes = {re.fullmatch(rf"\w+ is an? ({CONCEPT})\.", s).group(1) for s in entity_facts}
+    frontier = list(classes)
+    while frontier:
+        for parent in is_a.get(frontier.pop(), []):
+            if parent not in classes:
+                classes.add(parent)
+                frontier.append(parent)
+    known = {p for c in classes for p in props.get(c, [])}
+    assert not any((adj, not value) in known for adj, value in known), "a contradiction"
+    m = re.fullmatch(r"True or false: (\w+) is (not )?(\w+)\.", query)
+    assert m
+    return "True" if (m.group(3), not m.group(2)) in known else "False"
+
+
+def test_prontoqa_structure_and_answers():
+    records = data.generate_prontoqa(300, seed=0)
+    for r in records:
+        assert len(r["steps"]) == 6 and r["answer"] in ("True", "False")
+        assert reason(r["question"]) == r["answer"]
+        proof = [s + "." for step in r["steps"] for s in step[:-1].split(". ")]
+        assert len(proof) == 11
+        entity = proof[0].split()[0]
+        context = sentences(r["question"])[:-1]
+        for rule in proof[1:10:2]:  # the rules the proof uses, worded exactly as in the context
+            assert rule in context
+        assert all(s.startswith(entity + " is ") for s in proof[0::2])
+        # the conclusion is the query, or its negation when the answer is False
+        query = r["question"].split("True or false: ")[1]
+        negation = query.replace(" is not ", " is ") if " is not " in query else query.replace(" is ", " is not ")
+        assert (proof[10] == query) == (r["answer"] == "True")
+        assert (proof[10] == negation) == (r["answer"] == "False")
+    share = sum(r["answer"] == "True" for r in records) / len(records)
+    assert 0.4 < share < 0.6
+
+
+def test_prontoqa_example_form():
+    # the layout of DATA.md's example, checked sentence by sentence on a generated record
+    r = data.generate_prontoqa(1, seed=5)[0]
+    e = r["question"].split("True or false: ")[1].split()[0]
+    for step in r["steps"][:5]:  # "Stella is a zumpus. Zumpuses are gorpuses." and so on
+        fact, rule = sentences(step)
+        assert re.fullmatch(rf"{e} is an? {CONCEPT}\.", fact)
+        assert parse_rule(rule)[0] == fact.split()[-1][:-1]
+    assert parse_rule(sentences(r["steps"][4])[1])[1][-3:] != "pus"  # c1's property rule
+    assert re.fullmatch(rf"{e} is (not )?[a-z]+\.", r["steps"][5])
+    assert re.fullmatch(rf".* True or false: {e} is (not )?[a-z]+\.", r["question"])
+    assert len(data.encode(r["question"] + "\n")) in range(180, 232)  # DATA.md: 188 to 223
+
+
+# -----------------------------------------------------------------------------
+# GSM8k
+
+GSM_LINES = [
+    "Tom has 3 bags of 2 apples and eats 1. How many are left?||<<3*2=6>> <<6-1=5>> #### 5",
+    "How old is Ann?|| #### 26",
+    "A car costs  $2,000 and a radio $125. Total?||<<2000+125=2125>> #### 2,125",
+    "Sam owes 8 and has 5. Balance?||<<5-8=-3>> #### -3",
+]
+GSM_RECORDS = [
+    {"question": "Tom has 3 bags of 2 apples and eats 1. How many are left?",
+     "steps": ["<<3*2=6>>", "<<6-1=5>>"], "answer": "5"},
+    {"question": "How old is Ann?", "steps": [""], "answer": "26"},
+    {"question": "A car costs  $2,000 and a radio $125. Total?", "steps": ["<<2000+125=2125>>"],
+     "answer": "2,125"},
+    {"question": "Sam owes 8 and has 5. Balance?", "steps": ["<<5-8=-3>>"], "answer": "-3"},
+]
+
+
+def test_gsm8k_text_format(tmp_path):
+    path = tmp_path / "test.txt"
+    path.write_text("\n".join(GSM_LINES) + "\n", encoding="utf-8")
+    assert data.read_gsm8k(str(path)) == GSM_RECORDS
+    for i, r in enumerate(GSM_RECORDS):
+        data.tokenize_record(r, i, str(path))  # the official layout holds, empty chain included
+    assert data.grade("### 2125", "2,125") and data.grade("### -3", "-3")
+
+
+def test_gsm8k_json_loads_unchanged(tmp_path):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps(GSM_RECORDS, indent=1), encoding="utf-8")
+    assert data.read_gsm8k(str(path)) == GSM_RECORDS
+
+
+def test_gsm8k_bad_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_text(GSM_LINES[0] + "\nno separator here #### 3\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"bad\.txt: line 2"):
+        data.read_gsm8k(str(path))
+
+
+def test_cli_converts_gsm8k(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text("\n".join(GSM_LINES), encoding="utf-8")
+    subprocess.run([sys.executable, "data.py", "--dataset", "gsm8k", "--from", str(src),
+                    "--out", str(tmp_path / "out")], cwd=REPO, check=True, capture_output=True)
+    with open(tmp_path / "out" / "train.json", encoding="utf-8") as f:
+        assert json.load(f) == GSM_RECORDS
+
+
+# -----------------------------------------------------------------------------
+# Token layout and grading
+
+def test_tokenize_record_hand_computed_ids():
+    # GPT-2 ids: "hello" 31373, " world" 995, "\n" 198, "###" 21017, " 5" 642, eos 50256
+    r = {"question": "hello world", "steps": ["hello world", ""], "answer": "5"}
+    t = data.tokenize_record(r)
+    assert t["question"] == [31373, 995, 198]
+    assert t["steps"] == [[31373, 995, 198], [198]]
+    assert t["answer"] == [21017, 642, 50256]
+
+
+def test_tokenize_record_checks_every_record():
+    # "a\n" + "\n" ends in "\n\n", one token (628) alone but two (198, 198) before more text
+    good = {"question": "hello world", "steps": ["hi"], "answer": "5"}
+    bad = {"question": "a\n", "steps": ["b"], "answer": "5"}
+    data.tokenize_record(good, 0, "x.json")
+    with pytest.raises(data.DataError, match=r"x\.json: record 7"):
+        data.tokenize_record(bad, 7, "x.json")
+
+
+def test_grade():
+    assert data.grade("Every x is a y.\n### Tom is a y.", "Tom is a y.")
+    assert data.grade("# 1 ### 2,125 ", "2125")
+    assert not data.grade("### Tom is a z.", "Tom is a y.")
+    assert not data.grade("### 5 # 6", "5")  # the text after the LAST '#' counts
+    assert not data.grade("no marker at all 5", "5")
+
+
+# -----------------------------------------------------------------------------
+# Bad input, files, determinism
+
+GOOD = {"question": "q", "steps": ["s"], "answer": "a"}
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"steps": ["s"], "answer": "a"}, "question"),
+    ({"question": "q", "answer": "a"}, "steps"),
+    ({"question": "q", "steps": ["s"]}, "answer"),
+    ({"question": "q", "steps": ["s", 3], "answer": "a"}, "steps"),
+    ({"question": "q", "steps": "s", "answer": "a"}, "steps"),
+    ({"question": 1, "steps": ["s"], "answer": "a"}, "question"),
+    ({"question": "q", "steps": ["s"], "answer": 5}, "answer"),
+    ({"question": "q", "steps": ["s"], "answer": "#5"}, "#"),
+    ("just a string", "object"),
+])
+def test_load_records_bad_record(tmp_path, record, words):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD, GOOD, record]), encoding="utf-8")
+    with pytest.raises(data.DataError, match=rf"d\.json: record 2: .*{re.escape(words)}"):
+        data.load_records(str(path))
+
+
+@pytest.mark.parametrize("text", [None, "[{\"question\": ", "{\"question\": \"q\"}"])
+def test_load_records_bad_file(tmp_path, text):
+    path = tmp_path / "d.json"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"d\.json"):
+        data.load_records(str(path))
+
+
+def test_load_records_keeps_extra_keys(tmp_path):
+    path = tmp_path / "d.json"
+    records = [dict(GOOD, edges=[[0, 1]], root=0)]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    assert data.load_records(str(path)) == records
+
+
+def test_save_records_refuses_overwrite_and_leaves_no_temp(tmp_path):
+    path = str(tmp_path / "d.json")
+    data.save_records([GOOD], path)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        data.save_records([GOOD, GOOD], path)
+    # a write that fails halfway leaves the old file intact and no temporary file behind
+    with pytest.raises(TypeError):
+        data.save_records([GOOD, {"question": {1, 2}}], path, overwrite=True)
+    assert os.listdir(tmp_path) == ["d.json"]
+    assert data.load_records(path) == [GOOD]
+    data.save_records([GOOD, GOOD], path, overwrite=True)
+    assert data.load_records(path) == [GOOD, GOOD] and os.listdir(tmp_path) == ["d.json"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([GOOD, {"question": "q"}]), encoding="utf-8")
+    for args in (["--stats", str(bad)], ["--stats", str(tmp_path / "missing.json")],
+                 ["--dataset", "gsm8k", "--from", str(bad), "--out", str(tmp_path / "o.json")]):
+        p = run_cli(*args)
+        assert p.returncode == 1 and p.stdout == ""
+        assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    out = str(tmp_path / "splits")
+    sizes = ["--n-train", "5", "--n-valid", "2", "--n-test", "2"]
+    assert run_cli("--dataset", "prosqa", "--out", out, *sizes).returncode == 0
+    p = run_cli("--dataset", "prosqa", "--out", out, *sizes)
+    assert p.returncode == 1 and "--overwrite" in p.stderr and p.stderr.count("\n") == 1
+    assert run_cli("--dataset", "prosqa", "--out", out, "--overwrite", *sizes).returncode == 0
+
+
+def test_determinism():
+    assert data.generate_prosqa(50, seed=3) == data.generate_prosqa(50, seed=3)
+    assert data.generate_prosqa(50, seed=3) != data.generate_prosqa(50, seed=4)
+    assert data.generate_prontoqa(50, seed=3) == data.generate_prontoqa(50, seed=3)
+    assert data.generate_prontoqa(50, seed=3) != data.generate_prontoqa(50, seed=4)
+
+
+def test_make_splits(tmp_path):
+    sizes = dict(train=40, valid=10, test=10)
+    paths = data.make_splits("prontoqa", str(tmp_path / "a"), seed=2, sizes=sizes)
+    again = data.make_splits("prontoqa", str(tmp_path / "b"), seed=2, sizes=sizes)
+    for split, n in sizes.items():
+        with open(paths[split], "rb") as f, open(again[split], "rb") as g:
+            assert f.read() == g.read()  # byte for byte
+        assert len(data.load_records(paths[split])) == n
+    with pytest.raises(FileExistsError):
+        data.make_splits("prontoqa", str(tmp_path / "a"), seed=2, sizes=sizes)
+
+
+def test_make_splits_no_duplicate_questions(tmp_path, monkeypatch):
+    # a generator that repeats itself a lot: 30 distinct questions drawn at random
+    def repetitive(rng, *knobs):
+        return {"question": f"q{rng.randrange(30)}", "steps": ["s"], "answer": "a"}
+    monkeypatch.setattr(data, "prosqa_record", repetitive)
+    sizes = dict(train=14, valid=5, test=5)
+    paths = data.make_splits("prosqa", str(tmp_path), seed=0, sizes=sizes)
+    questions = [r["question"] for p in paths.values() for r in data.load_records(p)]
+    assert len(questions) == 24 and len(set(questions)) == 24
+    with pytest.raises(ValueError, match="rejected or repeated"):  # 31 cannot be distinct
+        data.make_splits("prosqa", str(tmp_path / "more"), seed=0, sizes=dict(train=21, valid=5, test=5))
