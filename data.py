@@ -469,7 +469,7 @@ def print_stats(path):
     print("  steps histogram     " + "  ".join(f"{k}: {100 * histogram[k] / len(records):.1f}%"
                                              for k in sorted(histogram)))
     answers = Counter(r["answer"] for r in records)
-    if len(answers) <= 2:  # ProntoQA: is it balanced?
+    if set(answers) <= {"True", "False"}:  # ProntoQA: is it balanced?
         print("  answers             " + "  ".join(f"{a}: {100 * c / len(records):.1f}%" for a, c in answers.items()))
 
 
