@@ -123,7 +123,8 @@ def collate(examples, for_generation=False):
     for i, (pad, e) in enumerate(zip(left, examples)):
         n = len(e["input_ids"])
         batch["input_ids"][i, pad:pad + n] = torch.tensor(e["input_ids"])
-        batch["labels"][i, pad:pad + n] = torch.tensor(e["labels"])
+        if "labels" in e:  # prompts for generation may come without
+            batch["labels"][i, pad:pad + n] = torch.tensor(e["labels"])
         batch["attention_mask"][i, pad:pad + n] = 1
         batch["position_ids"][i, pad:pad + n] = torch.arange(n)
     if for_generation:

@@ -1,0 +1,250 @@
+"""
+Tests of coconut.py against naive references written here.
+
+Run: python -m pytest -q tests/test_coconut.py
+The naive reference is the method as the paper states it, one example at a time with no padding
+and no KV cache: for every thought, run the whole prefix again and copy the last hidden state into
+the next input embedding.
+"""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from coconut import Coconut, Curriculum, build_example, collate, stage_layout
+from data import END_LATENT, EOS, LATENT, START_LATENT
+from model import GPT, GPTConfig
+
+S, E, L = START_LATENT, END_LATENT, LATENT
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=50260, n_layer=2, n_head=4, n_embd=32))
+
+
+def random_tokens(seed, n_steps):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(0, 50000, (n,), generator=g).tolist()  # noqa: E731
+    q = ids(3 + seed % 4)
+    return {"question": q, "steps": [ids(1 + (seed + i) % 3) for i in range(n_steps)], "answer": ids(2) + [EOS]}
+
+
+def naive_embeddings(gpt, ids):
+    """Input embeddings of one unpadded example with its thoughts filled in, recomputing the whole
+    prefix for every thought (the paper's definition, no cache)."""
+    embeds = gpt.transformer.wte(torch.tensor(ids))[None]
+    for j, token in enumerate(ids):
+        if token == LATENT:
+            hidden = gpt(embeds=embeds[:, :j], return_hidden=True)[2]
+            embeds = torch.cat([embeds[:, :j], hidden[:, -1:], embeds[:, j + 1:]], dim=1)
+    return embeds
+
+
+def naive_loss_sum(gpt, example):
+    """Summed cross-entropy of one example (labels shifted), and how many tokens it counts."""
+    logits = gpt(embeds=naive_embeddings(gpt, example["input_ids"]))[0][0]
+    labels = torch.tensor(example["labels"])
+    keep = labels[1:] != -100
+    return F.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum"), int(keep.sum())
+
+
+def naive_generate(gpt, prompt, max_new_tokens, eos_id):
+    """The official algorithm: one question, thoughts recomputed, no KV cache for decoding."""
+    embeds = naive_embeddings(gpt, prompt)
+    new = []
+    for _ in range(max_new_tokens):
+        token = int(gpt(embeds=embeds)[0][0, -1].argmax())
+        if token == eos_id:
+            break
+        new.append(token)
+        embeds = torch.cat([embeds, gpt.transformer.wte(torch.tensor([[token]]))], dim=1)
+    return new
+
+
+def mixed_batch_examples():
+    """Rows at different stages, so with different numbers of thoughts and different lengths."""
+    cur = Curriculum(c=2, max_latent_stage=2)
+    return [build_example(random_tokens(seed, n_steps), cur, stage)
+            for seed, n_steps, stage in [(0, 3, 1), (1, 2, 2), (2, 3, 0), (3, 1, 3), (4, 3, 2)]]
+
+
+def test_cached_multipass_loss_and_gradients_equal_naive_recompute():
+    examples = mixed_batch_examples()
+    assert len({sum(t == L for t in e["input_ids"]) for e in examples}) >= 3  # really mixed
+
+    gpt = tiny_gpt()
+    loss, logits = Coconut(gpt)(**collate(examples))
+    loss.backward()
+
+    ref_gpt = tiny_gpt()
+    sums, counts = zip(*(naive_loss_sum(ref_gpt, e) for e in examples))
+    ref_loss = sum(sums) / sum(counts)  # the batch mean over every supervised token
+    ref_loss.backward()
+
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (name, p), p_ref in zip(gpt.named_parameters(), ref_gpt.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_flows_through_the_thoughts():
+    """Cutting the feedback path (detaching thoughts) must change the gradient: it matters."""
+    examples = [build_example(random_tokens(7, 3), Curriculum(c=1), stage=3)]
+    gpt = tiny_gpt()
+    Coconut(gpt)(**collate(examples))[0].backward()
+    with_feedback = gpt.transformer.h[0].mlp.c_fc.weight.grad.clone()
+
+    ref_gpt = tiny_gpt()
+    ids = examples[0]["input_ids"]
+    embeds = ref_gpt.transformer.wte(torch.tensor(ids))[None]
+    for j, token in enumerate(ids):
+        if token == LATENT:
+            hidden = ref_gpt(embeds=embeds[:, :j], return_hidden=True)[2].detach()
+            embeds = torch.cat([embeds[:, :j], hidden[:, -1:], embeds[:, j + 1:]], dim=1)
+    logits = ref_gpt(embeds=embeds)[0][0]
+    labels = torch.tensor(examples[0]["labels"])
+    F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100).backward()
+    assert not torch.allclose(with_feedback, ref_gpt.transformer.h[0].mlp.c_fc.weight.grad, atol=1e-6)
+
+
+def test_mixed_batch_equals_each_row_alone():
+    examples = mixed_batch_examples()
+    gpt = tiny_gpt()
+    model = Coconut(gpt)
+    batch = collate(examples)
+    _, logits = model(**batch)
+    for i, e in enumerate(examples):
+        _, alone = model(**collate([e]))
+        real = batch["attention_mask"][i].bool()
+        torch.testing.assert_close(logits[i, real], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_stage_zero_equals_plain_gpt_loss():
+    gpt = tiny_gpt()
+    example = build_example(random_tokens(5, 3), Curriculum(method="cot"), stage=0)
+    batch = collate([example])
+    loss, _ = Coconut(gpt)(**batch)
+    logits, _ = gpt(batch["input_ids"])
+    ref = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_pause_feeds_no_thoughts_back():
+    """'pause as thought': <|latent|> is an ordinary token, so one plain pass of the GPT."""
+    gpt = tiny_gpt()
+    batch = collate([build_example(random_tokens(6, 3), Curriculum(method="pause"), stage=2)])
+    loss, _ = Coconut(gpt, feedback=False)(**batch)
+    logits, _ = gpt(batch["input_ids"])
+    ref = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_batched_generation_equals_one_by_one():
+    gpt = tiny_gpt().eval()
+    cur = Curriculum(c=2, max_latent_stage=2, pad_latent_to_max=False)  # rows get 0, 2 or 4 thoughts
+    prompts = [build_example(random_tokens(seed, n), cur, stage, prompt_only=True)["input_ids"]
+               for seed, n, stage in [(0, 3, 2), (1, 1, 3), (2, 3, 0), (3, 2, 1)]]
+    # pick as "eos" a token that one row emits early, so that rows stop at different times
+    eos_id = naive_generate(gpt, prompts[0], 3, eos_id=-1)[2]
+    expected = [naive_generate(gpt, p, 8, eos_id) for p in prompts]
+    assert len({len(e) for e in expected}) > 1
+
+    model = Coconut(gpt, eos_id=eos_id)
+    batch = collate([{"input_ids": p, "labels": [-100] * len(p)} for p in prompts], for_generation=True)
+    answers, thoughts, n_passes = model.generate(**batch, max_new_tokens=8, return_thoughts=True)
+    assert answers == expected
+    # each row's thoughts are the hidden states its <|latent|> slots were given
+    for p, t in zip(prompts, thoughts):
+        n = p.count(LATENT)
+        assert t.shape == (n, 32)
+        if n:
+            with torch.no_grad():
+                filled = naive_embeddings(gpt, p)[0]
+            slots = [j for j, tok in enumerate(p) if tok == LATENT]
+            torch.testing.assert_close(t, filled[slots], atol=1e-5, rtol=1e-5)
+    # passes: the prefix, one per thought column, then one per decoded token after the first
+    n_thought_cols = len({j for p in batch["input_ids"] for j, tok in enumerate(p.tolist()) if tok == LATENT})
+    assert n_passes == 1 + n_thought_cols + max(len(e) + 1 for e in expected) - 1
+
+
+# -----------------------------------------------------------------------------
+# The curriculum, on a hand-written example: question [1, 2], steps [3], [4, 5], [6], answer [7, eos]
+
+TOKENS = {"question": [1, 2], "steps": [[3], [4, 5], [6]], "answer": [7, EOS]}
+X = -100
+
+
+@pytest.mark.parametrize("stage, ids", [
+    (0, [1, 2, S, E, 3, 4, 5, 6, 7, EOS]),
+    (1, [1, 2, S, L, L, E, 4, 5, 6, 7, EOS]),
+    (2, [1, 2, S, L, L, L, L, E, 6, 7, EOS]),
+    (3, [1, 2, S, L, L, L, L, E, 7, EOS]),  # past max_latent_stage: every step gone, thoughts stay at 2*c
+    (9, [1, 2, S, L, L, L, L, E, 7, EOS]),
+])
+def test_coconut_layout_per_stage(stage, ids):
+    example = build_example(TOKENS, Curriculum(c=2, max_latent_stage=2), stage)
+    assert example["input_ids"] == ids
+    n_prompt = ids.index(E) + 1
+    assert example["labels"] == [X] * n_prompt + ids[n_prompt:]
+
+
+def test_fewer_steps_than_stage():
+    short = {"question": [1], "steps": [[3]], "answer": [7, EOS]}
+    padded = build_example(short, Curriculum(c=1, max_latent_stage=3), stage=3)
+    assert padded["input_ids"] == [1, S, L, L, L, E, 7, EOS]  # pad_latent_to_max: the official default
+    unpadded = build_example(short, Curriculum(c=1, max_latent_stage=3, pad_latent_to_max=False), stage=3)
+    assert unpadded["input_ids"] == [1, S, L, E, 7, EOS]
+
+
+@pytest.mark.parametrize("method, stage, ids", [
+    ("cot", 5, [1, 2, 3, 4, 5, 6, 7, EOS]),
+    ("no-cot", 0, [1, 2, 7, EOS]),
+    ("no-thoughts", 2, [1, 2, 6, 7, EOS]),
+    ("pause", 1, [1, 2, S, L, L, E, 4, 5, 6, 7, EOS]),
+    ("no-curriculum", 0, [1, 2, S, L, L, L, L, E, 7, EOS]),
+])
+def test_variant_layouts(method, stage, ids):
+    example = build_example(TOKENS, Curriculum(method=method, c=2, max_latent_stage=2), stage)
+    assert example["input_ids"] == ids
+    n_unsupervised = 2 + (ids.index(E) - 1 if E in ids else 0)
+    assert example["labels"] == [X] * n_unsupervised + ids[n_unsupervised:]
+
+
+def test_prompts_and_thought_override():
+    cur = Curriculum(c=2, max_latent_stage=2)
+    assert build_example(TOKENS, cur, 1, prompt_only=True)["input_ids"] == [1, 2, S, L, L, E]
+    assert build_example(TOKENS, cur, 1, prompt_only=True, n_thoughts=5)["input_ids"] == [1, 2, S] + [L] * 5 + [E]
+    assert build_example(TOKENS, Curriculum(method="cot"), 0, prompt_only=True)["input_ids"] == [1, 2]
+
+
+def test_uniform_prob_mixes_stages():
+    import random
+    rng = random.Random(0)
+    cur = Curriculum(c=1, max_latent_stage=3, uniform_prob=1.0)
+    counts = {build_example(TOKENS, cur, 1, rng)["input_ids"].count(L) for _ in range(200)}
+    assert counts == {0, 1, 2, 3}  # stages 0..n_steps drawn at random
+    assert stage_layout(cur, 3, 3) == (3, 3)
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method 'coconutt'"):
+        Curriculum(method="coconutt")
+
+
+def test_collate_aligns_first_thought_and_restarts_positions():
+    a = {"input_ids": [1, 2, 3, S, L, E, 9], "labels": [X, X, X, X, X, X, 9]}
+    b = {"input_ids": [1, S, L, L, E, 8, 8, 8], "labels": [X, X, X, X, X, 8, 8, 8]}
+    batch = collate([a, b])
+    P = EOS
+    assert batch["input_ids"].tolist() == [[1, 2, 3, S, L, E, 9, P, P, P],
+                                           [P, P, 1, S, L, L, E, 8, 8, 8]]
+    assert batch["labels"].tolist() == [[X, X, X, X, X, X, 9, X, X, X],
+                                        [X, X, X, X, X, X, X, 8, 8, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                                                [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 0, 0],
+                                              [0, 0, 0, 1, 2, 3, 4, 5, 6, 7]]
+    gen = collate([{"input_ids": [1, 2, S, L, E]}, {"input_ids": [5, S, L, E]}], for_generation=True)
+    assert gen["input_ids"].tolist() == [[1, 2, S, L, E], [P, 5, S, L, E]]
+    assert gen["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 1, 2, 3]]
+    assert "labels" not in gen
