@@ -158,11 +158,13 @@ class Coconut(nn.Module):
         if latent_cols and latent_cols[0] == 0:
             raise ValueError("a <|latent|> in the first column has no hidden state to take")
         bounds = [0] + latent_cols + [T]
+        # embed once: one lookup per segment would give the (vocab x C) embedding one dense gradient each
+        token_embeds = self.gpt.transformer.wte(input_ids)
         hidden = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             if a == b:  # a <|latent|> in the last column: its segment is empty
                 continue
-            x = self.gpt.transformer.wte(input_ids[:, a:b])
+            x = token_embeds[:, a:b]
             if hidden:  # write the thought in, for the rows that think in column a
                 thought = hidden[-1][:, -1]
                 first = torch.where(is_latent[:, a, None], thought, x[:, 0])
