@@ -135,7 +135,7 @@ def bad_inputs(tiny):
         ("too long", ["--block-size", "40"], {}, "more than the model's context of 40"),
         ("gpt2 offline", ["--init", "gpt2", "--vocab", "full"],
          dict(HF_HUB_OFFLINE="1", HF_HOME=str(root / "empty-hf-home")), "could not get the gpt2 weights"),
-        ("gsm8k missing", ["--dataset", "gsm8k", "--data-dir", str(root / "no-gsm8k")], {}, "wget https://"),
+        ("gsm8k missing", ["--dataset", "gsm8k", "--data-dir", str(root / "no-gsm8k")], {}, "wget -P data/gsm8k https://"),
     ]
 
 
