@@ -39,14 +39,19 @@ DATASET_DEFAULTS = {
 }
 # Presets replace the defaults of many flags at once; any flag given explicitly still wins.
 PRESETS = {
-    # A tiny GPT from scratch on small generated ProsQA graphs: the three methods of Table 1 in one
-    # command, measured at about 13 minutes on 2 CPU cores (README, "I only have a CPU").
+    # A tiny GPT from scratch on small generated ProsQA graphs (at most 10 nodes, answers 2-3 steps
+    # away): the three methods of Table 1 in one command, trained side by side, one process and
+    # one thread each, so that two cores serve three runs (README, "I only have a CPU").
     "cpu": dict(dataset="prosqa", name="cpu-prosqa", data_dir="data/prosqa-cpu", method="coconut,cot,no-cot",
-                init="scratch", vocab="data", n_layer=2, n_head=4, n_embd=128, block_size=256, dropout=0.0,
-                n_train=3000, n_valid=200, n_test=500, max_nodes=10, min_steps=2, max_steps=3,
-                c=1, max_latent_stage=2, epochs_per_stage=2, epochs=8, threads=1, batch_size=32, micro_batch_size=32,
-                learning_rate=1e-3, warmup_iters=50, grad_clip=1.0, max_new_tokens=48, eval_batch_size=100),
+                jobs=3, threads=1, init="scratch", vocab="data", n_layer=2, n_head=4, n_embd=128, block_size=256,
+                dropout=0.0, n_train=6000, n_valid=200, n_test=500, max_nodes=10, min_steps=2, max_steps=3,
+                c=1, max_latent_stage=2, epochs_per_stage=1, epochs=6, batch_size=32, micro_batch_size=32,
+                learning_rate=2e-3, warmup_iters=50, grad_clip=1.0, max_new_tokens=48, eval_batch_size=100),
 }
+# The same, trained about four times longer (same valid and test questions: the generator cuts test,
+# valid, then train from one stream of questions).
+PRESETS["cpu-long"] = dict(PRESETS["cpu"], name="cpu-long-prosqa", data_dir="data/prosqa-cpu-long", n_train=14000,
+                           epochs_per_stage=2, epochs=12)
 GSM8K_HELP = """GSM8k is not generated: download the Internalize-CoT files (as the official code does) and convert them once:
   mkdir -p data/gsm8k
   wget -P data/gsm8k https://media.githubusercontent.com/media/da03/Internalize_CoT_Step_by_Step/e06a32ee5e4cd117171daeb4755d2a97ece62761/data/gsm8k/train.txt
@@ -54,7 +59,7 @@ GSM8K_HELP = """GSM8k is not generated: download the Internalize-CoT files (as t
   wget -P data/gsm8k https://raw.githubusercontent.com/da03/Internalize_CoT_Step_by_Step/e06a32ee5e4cd117171daeb4755d2a97ece62761/data/gsm8k/test.txt
   for s in train valid test; do python data.py --dataset gsm8k --from data/gsm8k/$s.txt --out data/gsm8k; done"""
 # flags that may change when a run is resumed; any other must match the interrupted run
-RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "max_epochs_this_run", "eval_batch_size", "eval"}
+RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "max_epochs_this_run", "eval_batch_size", "eval"}
 
 
 class TrainError(Exception):
@@ -118,6 +123,8 @@ def get_args(argv=None):
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; the CPU preset "
                    "uses 1, which on a busy 2-core machine was 4x faster than 2 threads fighting for a core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    g.add_argument("--jobs", type=int, default=1, help="with several methods: how many train at once, each "
+                   "in its own process (on a CPU with --threads 1: the number of cores)")
     g.add_argument("--max-epochs-this-run", type=int, help="stop after this many epochs, as if killed (tests resume)")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
@@ -559,6 +566,45 @@ def eval_only(args, device, ctx):
               f"{r['s_per_q'] * 1000:.1f} ms/question")
 
 
+def train_in_parallel(args, argv):
+    """Train each method in a process of its own, args.jobs at a time, each logging to
+    <run>/train.log: on a CPU the methods of a comparison then share the cores instead of taking
+    turns (with one thread each, two processes on two cores do twice the work of one)."""
+    import subprocess
+    rest, skip = [], False  # the command line without its --method and --jobs
+    for a in argv:
+        if skip or a.startswith(("--method=", "--jobs=")):
+            skip = False
+            continue
+        skip = a in ("--method", "--jobs")
+        if not skip:
+            rest.append(a)
+    waiting, running, results = list(args.methods), {}, {}
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            method = waiting.pop(0)
+            run_dir = os.path.join(args.out_dir, method)
+            os.makedirs(run_dir, exist_ok=True)
+            log = open(os.path.join(run_dir, "train.log"), "a")
+            cmd = [sys.executable, os.path.abspath(__file__), *rest, "--method", method, "--jobs", "1"]
+            running[method] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+            print(f"{method}: training in the background, progress in {log.name}")
+        time.sleep(1)
+        for method, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[method]
+            if proc.returncode != 0:
+                for p, _ in running.values():
+                    p.kill()
+                raise TrainError(f"{method} failed (exit status {proc.returncode}): see {log.name}")
+            with open(os.path.join(args.out_dir, method, "log.jsonl")) as f:
+                results[method] = json.loads(f.readlines()[-1])
+            print(f"{method}: done, test accuracy {100 * results[method]['test_acc']:.1f}%")
+    return [results[m] for m in args.methods]
+
+
 def main(argv=None):
     args = get_args(argv)
     device, ctx = setup_device(args)
@@ -573,7 +619,11 @@ def main(argv=None):
         if args.init in HUB_MODELS:
             fetch_from_hub(args.init)
         data = load_data(args, master)
-        t0, results = time.time(), [train_method(args, method, data, device, ctx) for method in args.methods]
+        t0 = time.time()
+        if args.jobs > 1 and len(args.methods) > 1 and not ddp:
+            results = train_in_parallel(args, sys.argv[1:] if argv is None else argv)
+        else:
+            results = [train_method(args, method, data, device, ctx) for method in args.methods]
         if master and len(results) > 1:
             chance = " (chance: 50%)" if args.dataset in ("prosqa", "prontoqa") else ""
             print(f"\n{args.dataset} test accuracy{chance}, {time.time() - t0:.0f} s in all:")

@@ -169,3 +169,17 @@ def test_sample_shows_thoughts_and_answers(tiny):
     assert r.stdout.count("Q: ") == 2 and r.stdout.count("thought 1: ") == 2 and r.stdout.count("A: ") == 2
     r = run("sample.py", "--ckpt", str(tiny["root"] / "nope.pt"))
     assert r.returncode != 0 and "nope.pt" in r.stderr
+
+
+def test_parallel_jobs_match_a_run_on_its_own(tiny):
+    """--jobs trains the methods in separate processes; each ends as it does when trained alone."""
+    out = str(tiny["root"] / "out-parallel")
+    r = run("train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", out, "--method", "coconut,no-cot",
+            "--jobs", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    timing = ("seconds", "tokens_per_s", "train_minutes", "test_s_per_q")
+    strip = lambda log: [{k: v for k, v in m.items() if k not in timing} for m in log]  # noqa: E731
+    assert strip(read_log(os.path.join(out, "coconut"))) == strip(read_log(tiny["run"]))
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| coconut", "| no-cot"]
+    assert os.path.exists(os.path.join(out, "no-cot", "train.log"))
