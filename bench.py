@@ -1,7 +1,7 @@
 """
 Speed of coconut.py, measured side by side in one run (ratios, since a shared machine is noisy).
 
-1. Training step: Coconut with 6 continuous thoughts (7 extra passes through the KV cache) against
+1. Training step: Coconut with 6 continuous thoughts (7 passes, sharing one KV cache) against
    the same model's plain forward + backward over the same tokens (one pass, thoughts not fed back).
 2. Generation on 64 ProsQA prompts with 6 thoughts: our batched, KV-cached generate against the
    official algorithm (one question at a time, every new token recomputing the whole sequence).
@@ -25,17 +25,19 @@ from model import GPT, GPTConfig
 SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "tiny": dict(n_layer=2, n_head=4, n_embd=128)}
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn):
+    """Seconds fn takes (waiting for the GPU, which runs asynchronously, to finish)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def bench_training(gpt, tokens, batch_size, repeats):
     batch = collate([build_example(t, Curriculum(), stage=6) for t in tokens[:batch_size]])
+    batch = {k: v.to(gpt.lm_head.weight.device) for k, v in batch.items()}
     n_thoughts = int((batch["input_ids"][0] == data.LATENT).sum())
     coconut, plain = Coconut(gpt), Coconut(gpt, feedback=False)
 
@@ -46,8 +48,8 @@ def bench_training(gpt, tokens, batch_size, repeats):
     step(coconut), step(plain)  # warm-up
     t_plain, t_coconut = [], []
     for _ in range(repeats):  # interleaved, so that both see the same machine load
-        t_plain.append(timed(lambda: step(plain), 1))
-        t_coconut.append(timed(lambda: step(coconut), 1))
+        t_plain.append(timed(lambda: step(plain)))
+        t_coconut.append(timed(lambda: step(coconut)))
     t_plain, t_coconut = statistics.median(t_plain), statistics.median(t_coconut)
     B, T = batch["input_ids"].shape
     print(f"training step, batch {B} x {T} tokens, {n_thoughts} thoughts per row:")
@@ -78,12 +80,11 @@ def bench_generation(gpt, tokens, n_prompts, baseline_prompts, max_new_tokens):
     batch = collate([{"input_ids": p} for p in prompts], for_generation=True)
     batch = {k: v.to(gpt.lm_head.weight.device) for k, v in batch.items()}
     model = Coconut(gpt)
-    t0 = time.perf_counter()
-    ours = model.generate(**batch, max_new_tokens=max_new_tokens)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    baseline = [official_generate(gpt, p, max_new_tokens) for p in prompts[:baseline_prompts]]
-    t_base = (time.perf_counter() - t0) / baseline_prompts * len(prompts)
+    ours, baseline = [], []
+    t_ours = timed(lambda: ours.extend(model.generate(**batch, max_new_tokens=max_new_tokens)))
+    t_base = timed(lambda: baseline.extend(official_generate(gpt, p, max_new_tokens)
+                                           for p in prompts[:baseline_prompts]))
+    t_base = t_base / baseline_prompts * len(prompts)
     same = sum(a == b for a, b in zip(ours, baseline))
     print(f"generation, {len(prompts)} ProsQA prompts with 6 thoughts, up to {max_new_tokens} new tokens:")
     print(f"  official one-by-one, no cache {t_base:8.1f} s  (timed on {baseline_prompts} prompts, scaled)")

@@ -65,6 +65,7 @@ def stage_layout(curriculum, stage, n_steps):
     else:
         # an example with fewer than `stage` steps loses them all; with pad_latent_to_max it still
         # gets stage*c thoughts (as the official code trains it), without it one per removed step
+        # (the official code does that only at evaluation: we use one rule for both)
         n_removed = min(stage, n_steps)
         k = stage if cur.pad_latent_to_max else n_removed
     c = 0 if cur.method == "no-thoughts" else cur.c  # "w/o thought": the curriculum, no thoughts

@@ -148,7 +148,8 @@ def save_records(records, path, overwrite=False):
             json.dump(records, f, ensure_ascii=False)
         os.replace(tmp, path)
     except BaseException:
-        os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
 
 

@@ -59,6 +59,8 @@ def main(argv=None):
         else:
             source = args.file or run.test_file or os.path.join(run.data_dir, "test.json")
             records = read_gsm8k(source) if run.dataset == "gsm8k" else load_records(source)
+            if args.index and not all(i.strip().isdigit() for i in args.index.split(",")):
+                raise TrainError(f"--index {args.index}: expected record numbers separated by commas, e.g. 0,5,9")
             picked = [int(i) for i in args.index.split(",")] if args.index else range(min(args.num, len(records)))
             for i in picked:
                 if not 0 <= i < len(records):

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from coconut import METHODS, Coconut, Curriculum, build_example, collate
-from data import (END_LATENT, EOS, LATENT, N_VOCAB, START_LATENT, DataError, decode, encode, grade,
+from data import (END_LATENT, EOS, LATENT, N_VOCAB, PAPER_SIZES, START_LATENT, decode, encode, grade,
                   load_records, make_splits, read_gsm8k, tokenize_record)
 from model import GPT, HUB_MODELS, GPTConfig, WeightsUnavailable, fetch_from_hub
 
@@ -141,6 +141,10 @@ def get_args(argv=None):
             p.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
     if args.stage != "all" and not args.stage.isdigit():
         p.error(f"--stage must be 'all' or a number, not {args.stage!r}")
+    for flag in ("batch_size", "micro_batch_size", "epochs", "epochs_per_stage", "eval_batch_size", "jobs",
+                 "max_new_tokens", "c", "max_latent_stage"):
+        if getattr(args, flag) < (0 if flag in ("c", "max_latent_stage") else 1):
+            p.error(f"--{flag.replace('_', '-')} must be at least {0 if flag in ('c', 'max_latent_stage') else 1}")
     return args
 
 
@@ -148,23 +152,45 @@ def get_args(argv=None):
 # Data
 
 def load_data(args, master=True):
-    """{split: (records, path)}: the given files, else data_dir's, generating ProsQA / ProntoQA once."""
+    """{split: (records, path)}: the given files, else data_dir's, generating ProsQA / ProntoQA once.
+
+    A generated folder keeps its generator settings in generator.json: reusing it with other
+    settings (sizes, graph knobs, seed) is refused, rather than silently training on other data."""
     paths = {s: getattr(args, f"{s}_file") or os.path.join(args.data_dir, f"{s}.json") for s in ("train", "valid", "test")}
-    missing = [p for p in paths.values() if not os.path.exists(p)]
-    if missing and args.dataset == "gsm8k":
-        raise TrainError(f"{missing[0]}: no such file. {GSM8K_HELP}")
-    if missing:
-        if any(getattr(args, f"{s}_file") for s in paths) or len(missing) < 3:
+    given = any(getattr(args, f"{s}_file") for s in paths)
+    if args.dataset == "gsm8k" or given:
+        missing = [p for p in paths.values() if not os.path.exists(p)]
+        if missing:
+            raise TrainError(f"{missing[0]}: no such file" + (f". {GSM8K_HELP}" if args.dataset == "gsm8k" else ""))
+    elif master:  # one process generates; the others wait at the barrier below
+        settings = dict(dataset=args.dataset, seed=args.data_seed,
+                        sizes={**PAPER_SIZES[args.dataset], **{s: getattr(args, f"n_{s}") for s in paths
+                                                               if getattr(args, f"n_{s}") is not None}},
+                        **{k: getattr(args, k) for k in ("max_nodes", "min_steps", "max_steps")})
+        settings_path = os.path.join(args.data_dir, "generator.json")
+        missing = [p for p in paths.values() if not os.path.exists(p)]
+        if len(missing) == len(paths):  # first use (ProsQA at the paper's size takes about 10 s)
+            knobs = {k: v for k, v in settings.items() if k in ("max_nodes", "min_steps", "max_steps") and v is not None}
+            print(f"generating {args.dataset} into {args.data_dir} (once; later runs reuse it)")
+            make_splits(args.dataset, args.data_dir, seed=args.data_seed, sizes=settings["sizes"], progress=True, **knobs)
+            write_json_atomic(settings, settings_path)
+        elif missing:
             raise TrainError(f"{missing[0]}: no such file (only a complete set of splits is generated, into an "
                              f"empty --data-dir)")
-        if master:  # first use: generate the three splits (ProsQA takes a few minutes at the paper's size)
-            sizes = {s: getattr(args, f"n_{s}") for s in paths if getattr(args, f"n_{s}") is not None}
-            knobs = {k: getattr(args, k) for k in ("max_nodes", "min_steps", "max_steps") if getattr(args, k) is not None}
-            print(f"generating {args.dataset} into {args.data_dir} (once; later runs reuse it)")
-            make_splits(args.dataset, args.data_dir, seed=args.data_seed, sizes=sizes, progress=True, **knobs)
-        barrier()
+        elif os.path.exists(settings_path):
+            with open(settings_path) as f:
+                made = json.load(f)
+            if made != settings:
+                diff = ", ".join(f"{k} {made.get(k)} (now {v})" for k, v in settings.items() if made.get(k) != v)
+                raise TrainError(f"{args.data_dir} was generated with other settings: {diff}; pass another "
+                                 f"--data-dir, or delete that folder to generate it anew")
+    barrier()
     read = read_gsm8k if args.dataset == "gsm8k" else load_records  # read_gsm8k takes .txt or .json
-    return {s: (read(p), p) for s, p in paths.items()}
+    data = {s: (read(p), p) for s, p in paths.items()}
+    for records, path in data.values():
+        if not records:
+            raise TrainError(f"{path}: holds no records")
+    return data
 
 
 def check_tokens(tokens, path, curriculum, stages, block_size, vocab):
@@ -220,6 +246,13 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def write_json_atomic(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def write_log(history, path):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -259,9 +292,9 @@ def build_gpt(args, data_tokens):
         config = GPTConfig(**{k: v if v is not None else defaults[k] for k, v in sizes.items()},
                            vocab_size=vocab.size, dropout=args.dropout)
         return GPT(config), vocab
-    if args.vocab == "data":
-        raise TrainError(f"--vocab data is for --init scratch; --init {args.init} keeps its own vocabulary")
     is_ours = args.init.endswith(".pt") or os.path.exists(os.path.join(args.init, "best.pt"))
+    if args.vocab == "data" and not is_ours:
+        raise TrainError(f"--vocab data is for --init scratch; --init {args.init} keeps its own vocabulary")
     if is_ours:
         ckpt, path = read_checkpoint(args.init)
         gpt, vocab = gpt_from_checkpoint(ckpt, path, dropout=args.dropout), Vocab(ckpt.get("vocab"))
@@ -270,8 +303,8 @@ def build_gpt(args, data_tokens):
             gpt = GPT.from_pretrained(args.init, override_args=dict(dropout=args.dropout))
         except (WeightsUnavailable, FileNotFoundError) as e:
             raise TrainError(str(e)) from None
-        except ValueError as e:  # a folder whose tensors are not GPT-2's
-            raise TrainError(f"--init {args.init}: {e}") from None
+        except Exception as e:  # tensors that are not GPT-2's, a corrupt file, a config.json without sizes
+            raise TrainError(f"--init {args.init}: not a readable GPT-2 checkpoint ({type(e).__name__}: {e})") from None
     for k, v in sizes.items():  # a size flag that contradicts the weights is a mistake, not a wish
         if v is not None and v != getattr(gpt.config, k):
             raise TrainError(f"--init {args.init} has {k}={getattr(gpt.config, k)}, but --{k.replace('_', '-')} {v} "
@@ -315,12 +348,19 @@ def setup_device(args):
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
     elif args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
         device = args.device
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise TrainError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+        if (device.startswith("cuda") and not torch.cuda.is_available()) or (device == "mps" and not torch.backends.mps.is_available()):
+            raise TrainError(f"--device {device}: not available on this machine")
     if device.startswith("cuda"):
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported())
@@ -369,6 +409,10 @@ def validation_loss(model, examples, args, device, ctx):
         with ctx:
             loss, _ = model(**batch, return_logits=False)
         total, count = total + loss.item() * len(chunk), count + len(chunk)
+    if ddp:
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, count = sums.tolist()
     return total / max(count, 1)
 
 
@@ -445,8 +489,7 @@ def train_method(args, method, data, device, ctx):
         print(f"{run_dir}: resuming after epoch {state['epoch']} (stage {state['stage']})")
     elif master:
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(run_args, f, indent=1)
+        write_json_atomic(run_args, os.path.join(run_dir, "args.json"))
     if master:
         print(f"{method}: {gpt.get_num_params() / 1e6:.2f}M parameters, {len(toks['train'])} training examples, "
               f"{n_epochs} epochs, batch {args.batch_size} = {args.micro_batch_size} x "
@@ -466,7 +509,7 @@ def train_method(args, method, data, device, ctx):
         example_rng = random.Random(args.seed * 100003 + epoch)
         examples = [build_example(t, curriculum, stage, rng=example_rng) for t in toks["train"]]
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-        order = order[rank::world].tolist()
+        order = order[:len(order) // world * world][rank::world].tolist()  # as many steps on every rank
         n_steps = (len(order) + per_rank - 1) // per_rank
         model.train()
         t0, n_tokens, losses = time.time(), 0, []
@@ -486,7 +529,8 @@ def train_method(args, method, data, device, ctx):
                     train_model.require_backward_grad_sync = m == len(micro) - 1
                 with ctx:
                     loss, _ = train_model(**batch, return_logits=False)
-                # weigh each micro-batch by its share of the examples, as one big batch would
+                # weigh each micro-batch's mean loss by its share of the examples (the official code
+                # averages micro-batch means too; a per-token mean over the whole batch would differ slightly)
                 (loss * len(idx) / len(batch_idx)).backward()
                 step_loss += loss.item() * len(idx) / len(batch_idx)
                 n_tokens += int(batch["attention_mask"].sum())
@@ -599,16 +643,18 @@ def train_in_parallel(args, argv):
                 for p, _ in running.values():
                     p.kill()
                 raise TrainError(f"{method} failed (exit status {proc.returncode}): see {log.name}")
-            with open(os.path.join(args.out_dir, method, "log.jsonl")) as f:
-                results[method] = json.loads(f.readlines()[-1])
+            ckpt, path = read_checkpoint(os.path.join(args.out_dir, method, "ckpt.pt"))
+            if "test" not in ckpt:
+                raise TrainError(f"{method} stopped before its test evaluation: see {log.name}")
+            results[method] = ckpt["test"]
             print(f"{method}: done, test accuracy {100 * results[method]['test_acc']:.1f}%")
     return [results[m] for m in args.methods]
 
 
 def main(argv=None):
     args = get_args(argv)
-    device, ctx = setup_device(args)
     try:
+        device, ctx = setup_device(args)
         if args.eval:
             return eval_only(args, device, ctx)
         # refuse early, before minutes of data generation: an existing run, or weights we cannot get
@@ -631,7 +677,8 @@ def main(argv=None):
             for r in results:
                 print(f"| {r['method']} | {100 * r['test_acc']:.1f}% | {100 * r['val_acc']:.1f}% | "
                       f"{r['test_tokens']:.1f} | {r['test_passes']:.1f} | {r['train_minutes']:.1f} |")
-    except (TrainError, DataError, FileExistsError, WeightsUnavailable) as e:
+    except (TrainError, ValueError, FileExistsError, WeightsUnavailable) as e:
+        # DataError is a ValueError; the generator's and the model's refusals are ValueErrors too
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
