@@ -610,6 +610,22 @@ def eval_only(args, device, ctx):
               f"{r['s_per_q'] * 1000:.1f} ms/question")
 
 
+def die_with_parent(parent_pid):
+    """For a child process: be killed when the parent dies, even by kill -9, so that a `--resume`
+    after a kill never finds an orphan still training in the same run folder (Linux; elsewhere a
+    no-op, and the README says to kill the children by hand)."""
+    def setup():
+        try:
+            import ctypes
+            import signal
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    return setup
+
+
 def train_in_parallel(args, argv):
     """Train each method in a process of its own, args.jobs at a time, each logging to
     <run>/train.log: on a CPU the methods of a comparison then share the cores instead of taking
@@ -631,7 +647,8 @@ def train_in_parallel(args, argv):
             os.makedirs(run_dir, exist_ok=True)
             log = open(os.path.join(run_dir, "train.log"), "a")
             cmd = [sys.executable, os.path.abspath(__file__), *rest, "--method", method, "--jobs", "1"]
-            running[method] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+            running[method] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                preexec_fn=die_with_parent(os.getpid())), log)
             print(f"{method}: training in the background, progress in {log.name}")
         time.sleep(1)
         for method, (proc, log) in list(running.items()):

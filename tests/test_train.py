@@ -201,3 +201,37 @@ def test_generated_data_is_not_reused_with_other_settings(tiny):
     r = run(*common, "--n-train", "13", "--out-dir", out + "-2")
     assert r.returncode != 0 and "generated with other settings" in r.stderr and "(now" in r.stderr
     assert snapshot(data_dir) == before
+
+
+def processes_with(text):
+    """Pids of the processes whose command line contains text (read from /proc: Linux)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_kill_9_of_a_parallel_run_leaves_no_trainer_behind(tiny):
+    """A kill -9 of train.py --jobs also ends its children, so a --resume never races an orphan."""
+    import signal
+    import time
+    out = str(tiny["root"] / "out-killed")
+    parent = subprocess.Popen([sys.executable, "train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", out,
+                               "--method", "coconut,no-cot", "--jobs", "2", "--epochs", "50"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(processes_with(out)) < 3 and time.time() < deadline:  # the parent and its two children
+        time.sleep(0.2)
+    assert len(processes_with(out)) == 3
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while processes_with(out) and time.time() < deadline:
+        time.sleep(0.2)
+    assert processes_with(out) == []
