@@ -48,10 +48,6 @@ PRESETS = {
                 c=1, max_latent_stage=2, epochs_per_stage=1, epochs=6, batch_size=32, micro_batch_size=32,
                 learning_rate=2e-3, warmup_iters=50, grad_clip=1.0, max_new_tokens=48, eval_batch_size=100),
 }
-# The same, trained about four times longer (same valid and test questions: the generator cuts test,
-# valid, then train from one stream of questions).
-PRESETS["cpu-long"] = dict(PRESETS["cpu"], name="cpu-long-prosqa", data_dir="data/prosqa-cpu-long", n_train=14000,
-                           epochs_per_stage=2, epochs=12)
 GSM8K_HELP = """GSM8k is not generated: download the Internalize-CoT files (as the official code does) and convert them once:
   mkdir -p data/gsm8k
   wget -P data/gsm8k https://media.githubusercontent.com/media/da03/Internalize_CoT_Step_by_Step/e06a32ee5e4cd117171daeb4755d2a97ece62761/data/gsm8k/train.txt
