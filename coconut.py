@@ -14,7 +14,6 @@ The method in three parts, in the order a reader needs them:
 3. batched greedy generation: run the thoughts, then decode with the KV cache (Coconut.generate).
 """
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -136,11 +135,12 @@ def collate(examples, for_generation=False):
 class Coconut(nn.Module):
     """A GPT from model.py that thinks in continuous thoughts at its <|latent|> positions."""
 
-    def __init__(self, gpt, latent_id=LATENT, start_id=START_LATENT, end_id=END_LATENT, eos_id=EOS,
-                 feedback=True):
+    def __init__(self, gpt, latent_id=LATENT, eos_id=EOS, feedback=True):
         super().__init__()
         self.gpt = gpt
-        self.latent_id, self.start_id, self.end_id, self.eos_id = latent_id, start_id, end_id, eos_id
+        # the markers <|start-latent|> / <|end-latent|> are ordinary tokens here: only the
+        # curriculum places them, so only the slot and end-of-text ids matter to the model
+        self.latent_id, self.eos_id = latent_id, eos_id
         # feedback=False keeps <|latent|> as an ordinary learned token: the paper's "pause as thought"
         self.feedback = feedback
 

@@ -20,9 +20,9 @@ import sys
 
 import torch
 
-from coconut import Curriculum, build_example, collate
-from data import DataError, decode, encode, grade, load_records, read_gsm8k, tokenize_record
-from train import TrainError, Vocab, check_tokens, gpt_from_checkpoint, make_coconut, read_checkpoint
+from coconut import build_example, collate
+from data import DataError, decode, encode, grade, tokenize_record
+from train import TrainError, check_tokens, load_run, read_records
 
 
 def latest_checkpoint(root="out"):
@@ -47,18 +47,16 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu is plenty for a few questions")
     args = p.parse_args(argv)
     try:
-        ckpt, path = read_checkpoint(args.ckpt or latest_checkpoint())
-        run = argparse.Namespace(**ckpt["args"])
-        gpt, vocab = gpt_from_checkpoint(ckpt, path), Vocab(ckpt.get("vocab"))
-        model = make_coconut(gpt.to(args.device), run.method, vocab).eval()
-        curriculum = Curriculum(method=run.method, c=run.c, max_latent_stage=run.max_latent_stage)
+        ckpt, path, run, model, curriculum = load_run(args.ckpt or latest_checkpoint(), args.device)
+        model.eval()
+        gpt, vocab = model.gpt, model.vocab
         if args.question:
             source = "--question"
             records = [dict(question=args.question, steps=[], answer=None)]
             tokens = [dict(question=encode(args.question + "\n"), steps=[], answer=[])]
         else:
             source = args.file or run.test_file or os.path.join(run.data_dir, "test.json")
-            records = read_gsm8k(source) if run.dataset == "gsm8k" else load_records(source)
+            records = read_records(run.dataset, source)
             if args.index and not all(i.strip().isdigit() for i in args.index.split(",")):
                 raise TrainError(f"--index {args.index}: expected record numbers separated by commas, e.g. 0,5,9")
             picked = [int(i) for i in args.index.split(",")] if args.index else range(min(args.num, len(records)))

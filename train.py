@@ -181,12 +181,16 @@ def load_data(args, master=True):
                 raise TrainError(f"{args.data_dir} was generated with other settings: {diff}; pass another "
                                  f"--data-dir, or delete that folder to generate it anew")
     barrier()
-    read = read_gsm8k if args.dataset == "gsm8k" else load_records  # read_gsm8k takes .txt or .json
-    data = {s: (read(p), p) for s, p in paths.items()}
+    data = {s: (read_records(args.dataset, p), p) for s, p in paths.items()}
     for records, path in data.values():
         if not records:
             raise TrainError(f"{path}: holds no records")
     return data
+
+
+def read_records(dataset, path):
+    """Official-format JSON records; GSM8k may also come in the Internalize-CoT text format."""
+    return read_gsm8k(path) if dataset == "gsm8k" else load_records(path)
 
 
 def check_tokens(tokens, path, curriculum, stages, block_size, vocab):
@@ -318,7 +322,7 @@ def build_gpt(args, data_tokens):
 def make_coconut(gpt, method, vocab):
     """Coconut around gpt, speaking in the model ids of vocab (model.vocab maps them)."""
     special = {k: int(vocab.table[t]) for k, t in
-               dict(latent_id=LATENT, start_id=START_LATENT, end_id=END_LATENT, eos_id=EOS).items()}
+               dict(latent_id=LATENT, eos_id=EOS).items()}
     # "pause as thought": <|latent|> stays an ordinary learned token, nothing is fed back
     model = Coconut(gpt, feedback=method != "pause", **special)
     model.vocab = vocab
@@ -583,17 +587,24 @@ def train_method(args, method, data, device, ctx):
 # -----------------------------------------------------------------------------
 # Evaluation only, and the main program
 
-def eval_only(args, device, ctx):
-    """Accuracy, generated tokens, forward passes and time per question of a checkpoint on a file."""
-    ckpt, path = read_checkpoint(args.eval)
+def load_run(path, device="cpu"):
+    """A trained run, ready to answer: (checkpoint, its path, the args it was trained with, its
+    Coconut model, its Curriculum). path: a .pt file or a run folder (its best.pt)."""
+    ckpt, path = read_checkpoint(path)
     run = argparse.Namespace(**ckpt["args"])
     gpt, vocab = gpt_from_checkpoint(ckpt, path), Vocab(ckpt.get("vocab"))
     model = make_coconut(gpt.to(device), run.method, vocab)
     curriculum = Curriculum(method=run.method, c=run.c, max_latent_stage=run.max_latent_stage)
+    return ckpt, path, run, model, curriculum
+
+
+def eval_only(args, device, ctx):
+    """Accuracy, generated tokens, forward passes and time per question of a checkpoint on a file."""
+    ckpt, path, run, model, curriculum = load_run(args.eval, device)
     eval_file = args.eval_file or run.test_file or os.path.join(run.data_dir, "test.json")
-    records = read_gsm8k(eval_file) if run.dataset == "gsm8k" else load_records(eval_file)
+    records = read_records(run.dataset, eval_file)
     tokens = [tokenize_record(r, i, eval_file) for i, r in enumerate(records)]
-    check_tokens(tokens, eval_file, curriculum, [ckpt["stage"]], gpt.config.block_size, vocab)
+    check_tokens(tokens, eval_file, curriculum, [ckpt["stage"]], model.gpt.config.block_size, model.vocab)
     ks = [None] if args.n_thoughts is None else [int(k) for k in args.n_thoughts.split(",")]
     if ks != [None] and not curriculum.markers:
         raise TrainError(f"--n-thoughts: a {run.method} model has no thoughts")
