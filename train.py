@@ -534,8 +534,14 @@ def train_method(args, method, data, device, ctx):
                 (loss * len(idx) / len(batch_idx)).backward()
                 step_loss += loss.item() * len(idx) / len(batch_idx)
                 n_tokens += int(batch["attention_mask"].sum())
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip)
+            # the norm of the whole (all-reduced) gradient, so every rank stops at the same step;
+            # max_norm=inf measures without clipping (the factor is exactly 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip or float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise TrainError(f"{method}: the gradient became {grad_norm.item()} at epoch {epoch + 1}, "
+                                 f"step {step + 1}; stopped before updating the weights, and the last checkpoint "
+                                 f"is untouched. Try a lower --learning-rate, or --dtype float32 if bf16 was on "
+                                 f"(--resume continues from the checkpoint and may change --dtype)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["opt_steps"] += 1

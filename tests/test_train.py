@@ -153,6 +153,17 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(tiny):
         assert snapshot(tiny["root"] / "data") == before, name
 
 
+def test_diverging_run_stops_clearly_before_saving_nan_weights(tiny, tmp_path):
+    """A learning rate of 1e30 overflows the forward of the second step: the run must stop there
+    with a clear error, not train on NaN weights and save them as its checkpoint."""
+    out = str(tmp_path / "out")
+    r = run("train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", out, "--method", "cot",
+            "--learning-rate", "1e30", "--warmup-iters", "0")
+    assert r.returncode == 1
+    assert "the gradient became nan at epoch 1, step 2" in r.stderr.lower(), r.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "cot", "ckpt.pt"))
+
+
 def test_eval_only_prints_accuracy_and_k_sweep(tiny):
     r = run("train.py", "--eval", tiny["run"])
     assert r.returncode == 0, r.stderr[-3000:]
