@@ -16,13 +16,13 @@ RNG states, history), best.pt (the best validation accuracy at the latest stage)
 import argparse
 import json
 import os
+import pickle
 import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -264,7 +264,11 @@ def read_checkpoint(path):
     if os.path.isdir(path):  # a run folder: its best model
         path = os.path.join(path, "best.pt")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data, and loading one must never run code it carries
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainError(f"{path}: holds Python objects besides tensors and plain values, which are not "
+                         f"loaded (a checkpoint written by train.py holds none)") from None
     except Exception as e:
         raise TrainError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt:
@@ -420,13 +424,14 @@ def validation_loss(model, examples, args, device, ctx):
 # Training one method
 
 def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    """The generators a run draws from (dropout, data order, --uniform-prob), in types that
+    torch.load(weights_only=True) reads back: tuples of ints and byte tensors."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(s):
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

@@ -71,10 +71,10 @@ def test_end_to_end_writes_checkpoints_and_log(tiny):
     assert final["test"] and 0 <= final["test_acc"] <= 1
     # at the last stage each prompt carries max_latent_stage * c = 1 thought, counted as a token
     assert final["test_tokens"] >= 1
-    ckpt = torch.load(os.path.join(tiny["run"], "ckpt.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(tiny["run"], "ckpt.pt"), weights_only=True)
     assert ckpt["epoch"] == 3 and ckpt["stage"] == 2 and "optimizer" in ckpt and "rng" in ckpt
     assert ckpt["model_args"]["n_layer"] == 1 and ckpt["vocab"] is not None
-    best = torch.load(os.path.join(tiny["run"], "best.pt"), weights_only=False)
+    best = torch.load(os.path.join(tiny["run"], "best.pt"), weights_only=True)
     assert best["stage"] == 2  # the best of the latest stage, not an earlier (CoT) epoch
     assert not [f for f in os.listdir(tiny["run"]) if f.endswith(".tmp")]
 
@@ -113,9 +113,20 @@ def write_hf_folder(folder, vocab_size):
     return folder
 
 
+class Payload:
+    """Unpickling this writes a file: a checkpoint that carries it must be refused, not run."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def bad_inputs(tiny):
     """(name, extra args, env, text the error must contain)."""
     root, data, ckpt = tiny["root"], tiny["data"], os.path.join(tiny["run"], "best.pt")
+    payload = str(root / "payload.pt")
+    torch.save(dict(torch.load(ckpt, weights_only=True), extra=Payload(str(root / "payload-ran"))), payload)
     malformed = root / "malformed.json"
     malformed.write_text('[{"question": "Is Tom a wumpus?", "steps": "not a list", "answer": "yes"}]')
     truncated = root / "truncated.json"
@@ -129,6 +140,7 @@ def bad_inputs(tiny):
                               "--test-file", os.path.join(data, "test.json")], {}, "malformed.json: record 0"),
         ("not JSON", ["--train-file", str(truncated), "--valid-file", os.path.join(data, "valid.json"),
                       "--test-file", os.path.join(data, "test.json")], {}, "truncated.json: not valid JSON"),
+        ("code in a checkpoint", ["--init", payload], {}, "payload.pt: holds Python objects"),
         ("other model size", ["--init", ckpt, "--vocab", "full", "--n-layer", "3"], {}, "n_layer=1, but --n-layer 3"),
         ("other vocabulary", ["--init", write_hf_folder(str(root / "hf-1000"), 1000), "--vocab", "full"], {},
          "vocabulary of 1000 tokens"),
@@ -151,6 +163,7 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(tiny):
         assert "Traceback" not in r.stderr, (name, r.stderr[-2000:])
         assert not os.path.exists(out), name  # no run folder for a run that never started
         assert snapshot(tiny["root"] / "data") == before, name
+    assert not os.path.exists(tiny["root"] / "payload-ran")  # the checkpoint's code never ran
 
 
 def test_diverging_run_stops_clearly_before_saving_nan_weights(tiny, tmp_path):
