@@ -437,6 +437,50 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def train_epoch(model, train_model, optimizer, examples, order, state, args, device, ctx, desc):
+    """One epoch of optimizer steps over this rank's share of the examples, in the given order:
+    warm-up, micro-batches with gradient accumulation, clipping. Returns the mean loss, the tokens
+    seen (all ranks), the seconds taken and the last learning rate."""
+    per_rank = args.batch_size // world
+    n_steps = (len(order) + per_rank - 1) // per_rank
+    model.train()
+    t0, n_tokens, losses = time.time(), 0, []
+    bar = tqdm(range(n_steps), desc=desc, disable=not master, dynamic_ncols=True)
+    for step in bar:
+        # linear warm-up after each optimizer reset, then the constant rate of the paper
+        lr = args.learning_rate * min(1.0, (state["opt_steps"] + 1) / (args.warmup_iters + 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch_idx = order[step * per_rank:(step + 1) * per_rank]
+        micro = [batch_idx[i:i + args.micro_batch_size] for i in range(0, len(batch_idx), args.micro_batch_size)]
+        step_loss = 0.0
+        for m, idx in enumerate(micro):
+            batch = model.vocab.batch(collate([examples[i] for i in idx]), device)
+            if ddp:  # only the last micro-step of a batch needs the gradient all-reduce
+                train_model.require_backward_grad_sync = m == len(micro) - 1
+            with ctx:
+                loss, _ = train_model(**batch, return_logits=False)
+            # weigh each micro-batch's mean loss by its share of the examples (the official code
+            # averages micro-batch means too; a per-token mean over the whole batch would differ slightly)
+            (loss * len(idx) / len(batch_idx)).backward()
+            step_loss += loss.item() * len(idx) / len(batch_idx)
+            n_tokens += int(batch["attention_mask"].sum())
+        # the norm of the whole (all-reduced) gradient, so every rank stops at the same step;
+        # max_norm=inf measures without clipping (the factor is exactly 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise TrainError(f"{desc}: the gradient became {grad_norm.item()} at step {step + 1}; stopped before "
+                             f"updating the weights, and the last checkpoint is untouched. Try a lower "
+                             f"--learning-rate, or --dtype float32 if bf16 was on (--resume continues from the "
+                             f"checkpoint and may change --dtype)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["opt_steps"] += 1
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tokens * world / (time.time() - t0):.0f}")
+    return sum(losses) / len(losses), n_tokens * world, time.time() - t0, lr
+
+
 def train_method(args, method, data, device, ctx):
     """Train one method in <out-dir>/<method>; returns its test result (and skips a finished run)."""
     run_dir = os.path.join(args.out_dir, method)
@@ -515,52 +559,17 @@ def train_method(args, method, data, device, ctx):
         examples = [build_example(t, curriculum, stage, rng=example_rng) for t in toks["train"]]
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
         order = order[:len(order) // world * world][rank::world].tolist()  # as many steps on every rank
-        n_steps = (len(order) + per_rank - 1) // per_rank
-        model.train()
-        t0, n_tokens, losses = time.time(), 0, []
-        bar = tqdm(range(n_steps), desc=f"{method} epoch {epoch + 1}/{n_epochs} stage {stage}", disable=not master,
-                   dynamic_ncols=True)
-        for step in bar:
-            # linear warm-up after each optimizer reset, then the constant rate of the paper
-            lr = args.learning_rate * min(1.0, (state["opt_steps"] + 1) / (args.warmup_iters + 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch_idx = order[step * per_rank:(step + 1) * per_rank]
-            micro = [batch_idx[i:i + args.micro_batch_size] for i in range(0, len(batch_idx), args.micro_batch_size)]
-            step_loss = 0.0
-            for m, idx in enumerate(micro):
-                batch = model.vocab.batch(collate([examples[i] for i in idx]), device)
-                if ddp:  # only the last micro-step of a batch needs the gradient all-reduce
-                    train_model.require_backward_grad_sync = m == len(micro) - 1
-                with ctx:
-                    loss, _ = train_model(**batch, return_logits=False)
-                # weigh each micro-batch's mean loss by its share of the examples (the official code
-                # averages micro-batch means too; a per-token mean over the whole batch would differ slightly)
-                (loss * len(idx) / len(batch_idx)).backward()
-                step_loss += loss.item() * len(idx) / len(batch_idx)
-                n_tokens += int(batch["attention_mask"].sum())
-            # the norm of the whole (all-reduced) gradient, so every rank stops at the same step;
-            # max_norm=inf measures without clipping (the factor is exactly 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), args.grad_clip or float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise TrainError(f"{method}: the gradient became {grad_norm.item()} at epoch {epoch + 1}, "
-                                 f"step {step + 1}; stopped before updating the weights, and the last checkpoint "
-                                 f"is untouched. Try a lower --learning-rate, or --dtype float32 if bf16 was on "
-                                 f"(--resume continues from the checkpoint and may change --dtype)")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["opt_steps"] += 1
-            losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{n_tokens * world / (time.time() - t0):.0f}")
-        train_time = time.time() - t0
+        t0, desc = time.time(), f"{method} epoch {epoch + 1}/{n_epochs} stage {stage}"
+        train_loss, n_tokens, train_time, lr = train_epoch(model, train_model, optimizer, examples, order, state,
+                                                           args, device, ctx, desc)
 
         val_examples = [build_example(t, curriculum, stage) for t in toks["valid"]]
         val_loss = validation_loss(model, val_examples, args, device, ctx)
         val = evaluate(model, toks["valid"], data["valid"][0], curriculum, stage, args, device, ctx)
         state["epoch"] = epoch + 1
-        metrics = dict(epoch=epoch + 1, stage=stage, train_loss=round(sum(losses) / len(losses), 5),
+        metrics = dict(epoch=epoch + 1, stage=stage, train_loss=round(train_loss, 5),
                        val_loss=round(val_loss, 5), val_acc=round(val["acc"], 5), val_tokens=round(val["tokens"], 3),
-                       lr=lr, tokens_per_s=round(n_tokens * world / train_time), seconds=round(time.time() - t0, 1))
+                       lr=lr, tokens_per_s=round(n_tokens / train_time), seconds=round(time.time() - t0, 1))
         state["history"].append(metrics)
         if master:
             print(json.dumps(metrics))

@@ -173,7 +173,7 @@ def test_diverging_run_stops_clearly_before_saving_nan_weights(tiny, tmp_path):
     r = run("train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", out, "--method", "cot",
             "--learning-rate", "1e30", "--warmup-iters", "0")
     assert r.returncode == 1
-    assert "the gradient became nan at epoch 1, step 2" in r.stderr.lower(), r.stderr[-2000:]
+    assert "cot epoch 1/3 stage 0: the gradient became nan at step 2" in r.stderr.lower(), r.stderr[-2000:]
     assert not os.path.exists(os.path.join(out, "cot", "ckpt.pt"))
 
 
