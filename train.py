@@ -171,7 +171,7 @@ def load_data(args, master=True):
             knobs = {k: v for k, v in settings.items() if k in ("max_nodes", "min_steps", "max_steps") and v is not None}
             print(f"generating {args.dataset} into {args.data_dir} (once; later runs reuse it)")
             make_splits(args.dataset, args.data_dir, seed=args.data_seed, sizes=settings["sizes"], progress=True, **knobs)
-            write_json_atomic(settings, settings_path)
+            write_atomic(json.dumps(settings, indent=1), settings_path)
         elif missing:
             raise TrainError(f"{missing[0]}: no such file (only a complete set of splits is generated, into an "
                              f"empty --data-dir)")
@@ -242,24 +242,22 @@ class Vocab:
 # Model and checkpoints
 
 def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename: a kill never leaves a half-written checkpoint."""
+    """torch.save to a temporary name, then rename: a kill never leaves a half-written file."""
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def write_json_atomic(obj, path):
+def write_atomic(text, path):
+    """The text file's twin of save_atomic."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
 
 
 def write_log(history, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
-    os.replace(tmp, path)
+    write_atomic("".join(json.dumps(h) + "\n" for h in history), path)
 
 
 def read_checkpoint(path):
@@ -540,7 +538,7 @@ def train_method(args, method, data, device, ctx):
         print(f"{run_dir}: resuming after epoch {state['epoch']} (stage {state['stage']})")
     elif master:
         os.makedirs(run_dir, exist_ok=True)
-        write_json_atomic(run_args, os.path.join(run_dir, "args.json"))
+        write_atomic(json.dumps(run_args, indent=1), os.path.join(run_dir, "args.json"))
     if master:
         print(f"{method}: {gpt.get_num_params() / 1e6:.2f}M parameters, {len(toks['train'])} training examples, "
               f"{n_epochs} epochs, batch {args.batch_size} = {args.micro_batch_size} x "
