@@ -104,14 +104,11 @@ def collate(examples, for_generation=False):
     Position ids restart at 0 after the left pads; pads are eos with attention 0 and label -100
     (a generation batch has no labels, so that it can be passed as Coconut.generate(**batch)).
     """
-    def first_latent(ids):
-        return ids.index(LATENT) if LATENT in ids else None
-
     if for_generation:
         longest = max(len(e["input_ids"]) for e in examples)
         left = [longest - len(e["input_ids"]) for e in examples]
     else:
-        firsts = [first_latent(e["input_ids"]) for e in examples]
+        firsts = [e["input_ids"].index(LATENT) if LATENT in e["input_ids"] else None for e in examples]
         align = max((f for f in firsts if f is not None), default=0)
         left = [0 if f is None else align - f for f in firsts]
     T = max(pad + len(e["input_ids"]) for pad, e in zip(left, examples))
@@ -144,6 +141,10 @@ class Coconut(nn.Module):
         # feedback=False keeps <|latent|> as an ordinary learned token: the paper's "pause as thought"
         self.feedback = feedback
 
+    def thought_slots(self, input_ids):
+        """(B, T) True where a thought is fed back: the <|latent|> positions, none for "pause"."""
+        return (input_ids == self.latent_id) & self.feedback
+
     def think(self, input_ids, attention_mask, position_ids, cache):
         """Final hidden states (B, T, C) of every position, each <|latent|> position fed the
         hidden state of the position before it; also the number of passes run.
@@ -154,7 +155,7 @@ class Coconut(nn.Module):
         columns) that is exactly its schedule: the prefix, then one pass per thought, then the rest.
         """
         B, T = input_ids.shape
-        is_latent = (input_ids == self.latent_id) & self.feedback
+        is_latent = self.thought_slots(input_ids)
         latent_cols = is_latent.any(dim=0).nonzero().flatten().tolist()
         if latent_cols and latent_cols[0] == 0:
             raise ValueError("a <|latent|> in the first column has no hidden state to take")
@@ -224,7 +225,7 @@ class Coconut(nn.Module):
         answers = [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
         if not return_thoughts:
             return answers
-        is_latent = (input_ids == self.latent_id) & self.feedback
         # a thought is the hidden state of the position before its <|latent|> slot
-        thoughts = [hidden[i, is_latent[i].nonzero().flatten() - 1] for i in range(B)]
+        slots = self.thought_slots(input_ids)
+        thoughts = [hidden[i, slots[i].nonzero().flatten() - 1] for i in range(B)]
         return answers, thoughts, n_passes
