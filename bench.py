@@ -36,8 +36,8 @@ def timed(fn):
 
 
 def bench_training(gpt, tokens, batch_size, repeats):
-    batch = collate([build_example(t, Curriculum(), stage=6) for t in tokens[:batch_size]])
-    batch = {k: v.to(gpt.lm_head.weight.device) for k, v in batch.items()}
+    batch = collate([build_example(t, Curriculum(), stage=6) for t in tokens[:batch_size]],
+                    device=gpt.lm_head.weight.device)
     n_thoughts = int((batch["input_ids"][0] == data.LATENT).sum())
     coconut, plain = Coconut(gpt), Coconut(gpt, feedback=False)
 
@@ -57,14 +57,23 @@ def bench_training(gpt, tokens, batch_size, repeats):
     print(f"  Coconut forward+backward {t_coconut * 1000:8.0f} ms   ratio {t_coconut / t_plain:.2f}x")
 
 
-@torch.no_grad()
-def official_generate(gpt, prompt, max_new_tokens, eos_id=data.EOS):
-    """The official Coconut.generate: one question, thoughts by rerunning the prefix, no KV cache."""
-    embeds = gpt.transformer.wte(torch.tensor([prompt], device=gpt.lm_head.weight.device))
-    for j, token in enumerate(prompt):
-        if token == data.LATENT:
+def naive_thoughts(gpt, ids, detach=False, latent_id=data.LATENT):
+    """Input embeddings (1, T, C) of one unpadded example with its thoughts filled in as the paper
+    defines them: for each <|latent|>, run the whole prefix again and take its last hidden state.
+    The reference of tests/test_coconut.py; detach=True cuts the gradient through the thoughts."""
+    embeds = gpt.transformer.wte(torch.tensor([ids], device=gpt.lm_head.weight.device))
+    for j, token in enumerate(ids):
+        if token == latent_id:
             hidden = gpt(embeds=embeds[:, :j], return_hidden=True)[2]
+            hidden = hidden.detach() if detach else hidden
             embeds = torch.cat([embeds[:, :j], hidden[:, -1:], embeds[:, j + 1:]], dim=1)
+    return embeds
+
+
+@torch.no_grad()
+def official_generate(gpt, prompt, max_new_tokens, eos_id=data.EOS, latent_id=data.LATENT):
+    """The official Coconut.generate: one question, thoughts by rerunning the prefix, no KV cache."""
+    embeds = naive_thoughts(gpt, prompt, latent_id=latent_id)
     new = []
     for _ in range(max_new_tokens):
         token = gpt(embeds=embeds)[0][0, -1].argmax()
@@ -77,8 +86,7 @@ def official_generate(gpt, prompt, max_new_tokens, eos_id=data.EOS):
 
 def bench_generation(gpt, tokens, n_prompts, baseline_prompts, max_new_tokens):
     prompts = [build_example(t, Curriculum(), stage=6, prompt_only=True)["input_ids"] for t in tokens[:n_prompts]]
-    batch = collate([{"input_ids": p} for p in prompts], for_generation=True)
-    batch = {k: v.to(gpt.lm_head.weight.device) for k, v in batch.items()}
+    batch = collate([{"input_ids": p} for p in prompts], for_generation=True, device=gpt.lm_head.weight.device)
     model = Coconut(gpt)
     ours, baseline = [], []
     t_ours = timed(lambda: ours.extend(model.generate(**batch, max_new_tokens=max_new_tokens)))

@@ -20,21 +20,24 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from data import END_LATENT, EOS, LATENT, START_LATENT
+from data import END_LATENT, EOS, LATENT, N_VOCAB, START_LATENT, DataError, decode
 from model import KVCache
 
 # The variants of the paper's Table 1. All share one code path; they differ in the layout of the
-# examples (stage_layout) and, for "pause", in whether thoughts are fed back (Coconut.feedback).
+# examples (stage_layout) and, for "pause", in whether thoughts are fed back (Curriculum.feedback).
 METHODS = ("coconut", "cot", "no-cot", "no-thoughts", "pause", "no-curriculum")
 
 
 @dataclass
 class Curriculum:
+    """Everything that depends on the stage: which stage each epoch trains (schedule), and the
+    layout of an example at a stage (stage_layout, build_example)."""
     method: str = "coconut"
     c: int = 1  # thoughts per replaced reasoning step ("c" in the paper)
     max_latent_stage: int = 6  # past this stage every step is gone and the thoughts stop growing
-    pad_latent_to_max: bool = True  # past it, always max_latent_stage*c thoughts (the official default)
+    epochs_per_stage: int = 5
     uniform_prob: float = 0.0  # chance that a training example gets a random stage (the paper's analysis model)
+    pad_latent_to_max: bool = True  # past it, always max_latent_stage*c thoughts (the official default)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -45,11 +48,33 @@ class Curriculum:
         # the official code writes <|start-latent|> / <|end-latent|> only where thoughts may follow
         return self.method in ("coconut", "pause", "no-curriculum")
 
+    @property
+    def feedback(self):
+        # "pause as thought": <|latent|> stays an ordinary learned token, nothing is fed back
+        return self.method != "pause"
+
+    @property
+    def stages(self):
+        """The stages this method trains at: CoT and No-CoT have one layout (stage 0 by name),
+        no-curriculum only the last stage, the others 0 (CoT) to max_latent_stage + 1 (every step gone)."""
+        last = self.max_latent_stage + 1
+        return {"cot": [0], "no-cot": [0], "no-curriculum": [last]}.get(self.method, list(range(last + 1)))
+
+    def schedule(self, stage="all", epochs=None):
+        """The stage of each epoch. "all" walks the stages, epochs_per_stage epochs each, and stays in
+        the last one until `epochs` are spent; a single stage is trained for epochs_per_stage epochs."""
+        if stage != "all":
+            if stage not in self.stages:
+                have = ", ".join(map(str, self.stages))
+                raise ValueError(f"--stage {stage}: {self.method} trains at stage{'s' * (len(self.stages) > 1)} {have}")
+            return [stage] * self.epochs_per_stage
+        return [self.stages[min(e // self.epochs_per_stage, len(self.stages) - 1)] for e in range(epochs)]
+
 
 def stage_layout(curriculum, stage, n_steps):
     """(steps removed, thoughts) for an example with n_steps reasoning steps at a stage.
 
-    The one place the curriculum is decided, for training and evaluation alike.
+    The one place the layout of a stage is decided, for training and evaluation alike.
     """
     cur = curriculum
     if cur.method == "cot":  # stage 0 for ever: the whole chain of thought in language
@@ -95,8 +120,8 @@ def build_example(tokens, curriculum, stage, rng=None, prompt_only=False, n_thou
     return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
 
 
-def collate(examples, for_generation=False):
-    """Pad a list of examples into tensors: input_ids, labels, attention_mask, position_ids.
+def collate(examples, for_generation=False, device="cpu"):
+    """Pad a list of examples into tensors on a device: input_ids, labels, attention_mask, position_ids.
 
     Training (the official layout): left-pad each row so that every row's first <|latent|> sits in
     the same column, then right-pad to the longest row. Generation: left-pad every prompt to the
@@ -126,18 +151,65 @@ def collate(examples, for_generation=False):
         batch["position_ids"][i, pad:pad + n] = torch.arange(n)
     if for_generation:
         del batch["labels"]
-    return batch
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class Vocab:
+    """The GPT-2 token ids a model knows: all of them, or, for a model trained from scratch with
+    --vocab data, only those its data files use. On a CPU the output layer over GPT-2's 50k tokens
+    costs more than a whole small transformer; a vocabulary of a few hundred tokens makes training
+    about three times faster. Batches speak GPT-2 ids everywhere; Coconut maps them to its own
+    ids on the way in (table) and its answers back on the way out (ids)."""
+
+    def __init__(self, ids=None):
+        self.ids = ids  # the GPT-2 id of each model id, or None: the identity over all N_VOCAB
+        self.size = N_VOCAB if ids is None else len(ids)
+        self.table = torch.arange(N_VOCAB) if ids is None else torch.full((N_VOCAB,), -1)
+        if ids is not None:
+            self.table[torch.tensor(ids)] = torch.arange(len(ids))
+
+    @classmethod
+    def of(cls, tokens):
+        """The vocabulary of tokenized records (data.tokenize_record's output), markers included."""
+        used = {x for t in tokens for x in t["question"] + sum(t["steps"], []) + t["answer"]}
+        return cls(sorted(used | {EOS, START_LATENT, END_LATENT, LATENT}))
+
+    def to_gpt2(self, ids):
+        return list(ids) if self.ids is None else [self.ids[i] for i in ids]
+
+
+def check_fits(tokens, path, curriculum, stages, block_size, vocab, n_thoughts=()):
+    """Every record must fit the context at every stage it will see (and its prompt with each of
+    n_thoughts thoughts, leaving room for an answer), in tokens the model knows."""
+    for i, t in enumerate(tokens):
+        n = max(len(build_example(t, curriculum, s)["input_ids"]) for s in stages)
+        if n > block_size:
+            raise DataError(f"{path}: record {i} is {n} tokens long, more than the model's context of "
+                            f"{block_size} (use a model with a larger --block-size, or shorter examples)")
+        for k in n_thoughts:
+            n = len(build_example(t, curriculum, stages[0], prompt_only=True, n_thoughts=k)["input_ids"])
+            if n >= block_size:
+                raise DataError(f"--n-thoughts {k}: the prompt of record {i} of {path} would be {n} tokens, "
+                                f"leaving no room for an answer in the model's context of {block_size}")
+        unknown = [x for x in t["question"] + sum(t["steps"], []) + t["answer"] if vocab.table[x] < 0]
+        if unknown:
+            raise DataError(f"{path}: record {i} has the token {decode(unknown[:1])!r}, which this model's "
+                            f"vocabulary (--vocab data: the tokens of the files it was trained with) does not hold")
 
 
 class Coconut(nn.Module):
-    """A GPT from model.py that thinks in continuous thoughts at its <|latent|> positions."""
+    """A GPT from model.py that thinks in continuous thoughts at its <|latent|> positions. It takes
+    and returns GPT-2 token ids, whatever the GPT's own vocabulary (vocab)."""
 
-    def __init__(self, gpt, latent_id=LATENT, eos_id=EOS, feedback=True):
+    def __init__(self, gpt, vocab=None, feedback=True):
         super().__init__()
         self.gpt = gpt
+        self.vocab = vocab or Vocab()
+        device = gpt.lm_head.weight.device
+        self.register_buffer("model_id", self.vocab.table.to(device), persistent=False)  # GPT-2 id -> model id
         # the markers <|start-latent|> / <|end-latent|> are ordinary tokens here: only the
         # curriculum places them, so only the slot and end-of-text ids matter to the model
-        self.latent_id, self.eos_id = latent_id, eos_id
+        self.latent_id, self.eos_id = int(self.vocab.table[LATENT]), int(self.vocab.table[EOS])
         # feedback=False keeps <|latent|> as an ordinary learned token: the paper's "pause as thought"
         self.feedback = feedback
 
@@ -181,6 +253,8 @@ class Coconut(nn.Module):
         position, or None with return_logits=False (training: the output layer then runs only
         where there is a label, which on a CPU is most of the time saved)."""
         B, T = input_ids.shape
+        input_ids = self.model_id[input_ids]
+        labels = torch.where(labels < 0, labels, self.model_id[labels.clamp(min=0)])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -201,6 +275,7 @@ class Coconut(nn.Module):
         return_thoughts also, per row, its thoughts as a (n_thoughts, C) tensor, and the number
         of forward passes run (thought passes plus one per decoded token, as the paper counts)."""
         B, T = input_ids.shape
+        input_ids = self.model_id[input_ids]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -222,7 +297,8 @@ class Coconut(nn.Module):
             next_position = next_position + 1
             n_passes += 1
         rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(B)]
-        answers = [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
+        answers = [self.vocab.to_gpt2(row[:row.index(self.eos_id)] if self.eos_id in row else row)
+                   for row in rows]
         if not return_thoughts:
             return answers
         # a thought is the hidden state of the position before its <|latent|> slot

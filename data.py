@@ -9,7 +9,7 @@ a list of {"question": str, "steps": [str, ...], "answer": str}.
 
     python data.py --dataset prosqa --out data/prosqa        # or prontoqa: the paper's three splits
     python data.py --dataset gsm8k --from train.txt --out data/gsm8k
-    python data.py --stats data/prosqa/test.json             # compare with DATA.md's statistics
+    python data.py --stats data/prosqa/test.json             # compare with the release (README, Data)
 """
 
 import argparse
@@ -106,18 +106,30 @@ class DataError(ValueError):
 def load_records(path):
     """A JSON list of {"question", "steps", "answer", ...} records, checked one by one.
     Extra keys (ProsQA's graph fields) are kept as they are."""
+    text = read_text(path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise DataError(f"{path}: holds no records")
+    for i, r in enumerate(records):
+        check_record(r, f"{path}: record {i}")
+    return records
+
+
+def read_text(path):
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, not a data file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-    for i, r in enumerate(records):
-        check_record(r, f"{path}: record {i}")
-    return records
+            return f.read()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file (not UTF-8)") from None
 
 
 def check_record(r, where):
@@ -128,6 +140,8 @@ def check_record(r, where):
             raise DataError(f"{where}: missing key '{key}'")
     if not isinstance(r["question"], str) or not isinstance(r["answer"], str):
         raise DataError(f"{where}: 'question' and 'answer' must be strings")
+    if not r["question"].strip() or not r["answer"].strip():
+        raise DataError(f"{where}: empty {'question' if not r['question'].strip() else 'answer'}")
     if not isinstance(r["steps"], list) or not all(isinstance(s, str) for s in r["steps"]):
         raise DataError(f"{where}: 'steps' must be a list of strings")
     # a model that writes the gold answer perfectly must be graded correct
@@ -135,22 +149,54 @@ def check_record(r, where):
         raise DataError(f"{where}: answer {r['answer']!r} cannot be graded (it contains '#')")
 
 
-def save_records(records, path, overwrite=False):
-    """Write records as a JSON list: to a temporary file in the same folder, then os.replace, so
-    that an interrupted run never leaves a half-written file under the real name."""
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
+def check_graph(r, where):
+    """A ProsQA record's graph fields: node names, edges [u, v] ("u is a v") and three node indices."""
+    names = r.get("idx_to_symbol")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{where}: no 'idx_to_symbol' list of node names (not a ProsQA record?)")
+    n = len(names)
+    edges = r.get("edges")
+    if not isinstance(edges, list) or not all(
+            isinstance(e, list) and len(e) == 2 and all(type(x) is int and 0 <= x < n for x in e) for e in edges):
+        raise DataError(f"{where}: 'edges' must be a list of [u, v] node indices below {n}")
+    for key in ("root", "target", "neg_target"):
+        if type(r.get(key)) is not int or not 0 <= r[key] < n:
+            raise DataError(f"{where}: '{key}' must be a node index below {n}")
+    if r["target"] not in bfs(children_of(r), r["root"])[0]:
+        raise DataError(f"{where}: the target cannot be reached from the root")
+
+
+def children_of(r):
+    """The children of each node of a ProsQA record's graph (an edge [u, v] reads "u is a v")."""
+    children = [[] for _ in r["idx_to_symbol"]]
+    for u, v in r["edges"]:
+        children[u].append(v)
+    return children
+
+
+def write_atomic(path, write):
+    """Write a file under a temporary name in its folder, then rename it: a kill never leaves a
+    half-written file under the real name. write(f) writes into the binary file f. The one writer
+    of every file this repository makes (data splits, checkpoints, logs)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # same disk: replace is atomic
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # same disk: atomic
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(records, f, ensure_ascii=False)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_records(records, path, overwrite=False):
+    """Write records as a JSON list (atomically: see write_atomic)."""
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
+    text = json.dumps(records, ensure_ascii=False)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def tokenize_record(record, index=None, path=None):
@@ -177,7 +223,8 @@ def grade(generated_text, answer):
 
 
 # -----------------------------------------------------------------------------
-# ProsQA: the paper's Algorithm 1, with the choices DATA.md found to reproduce the release.
+# ProsQA: the paper's Algorithm 1, with the unstated choices that reproduce the official release's
+# statistics (nodes, edges, steps, persons; README, Data).
 
 PERSONS = ("Alex Bob Carol Davis Eva Fae Gabriel Jack Max Oliver Polly Rex Sally Sam Stella Tom "
            "Wren").split()
@@ -304,9 +351,8 @@ def unique_records(make, rng, n, progress, desc, max_tries=1000):
 
 def generate_prosqa(n, seed, max_nodes=28, min_steps=3, max_steps=6, progress=False):
     """n ProsQA records with distinct questions. The defaults reproduce the paper's release
-    (22.8 nodes, 35.8 edges, 3.78 steps on average). For a small CPU-scale variant with the same
-    construction, shrink the graph: max_nodes=12, min_steps=2, max_steps=4 gives ~10 nodes, ~12
-    edges, ~2.5 steps and questions of ~125 tokens (a third of the paper's)."""
+    (22.8 nodes, 35.8 edges, 3.78 steps on average). Smaller graphs keep the same construction:
+    the CPU preset's max_nodes=7, min_steps=2, max_steps=3 gives questions of about 30 words."""
     if not 1 <= min_steps <= max_steps or max_nodes < 4:
         raise ValueError(f"need 1 <= min_steps <= max_steps and max_nodes >= 4, got "
                          f"max_nodes={max_nodes}, min_steps={min_steps}, max_steps={max_steps}")
@@ -326,7 +372,7 @@ PROPERTY_FAMILIES = [f.split() for f in (
     "nervous happy feisty shy", "bright dull", "sweet sour spicy bitter", "floral fruity earthy",
     "hot cold temperate", "kind mean angry amenable aggressive", "melodic muffled discordant loud",
     "slow moderate fast", "windy sunny overcast rainy snowy")]
-NEGATION_P = 0.25  # our choice: DATA.md says only "sometimes negated"; the paper's example has 1 in 11
+NEGATION_P = 0.25  # our choice: the generator negates "sometimes"; the paper's example has 1 in 11
 
 
 def a_or_an(word):
@@ -388,10 +434,7 @@ def read_gsm8k(path):
     """Records from `question||<<a*b=c>> <<c+d=e>> #### answer` lines, converted as the official
     preprocessing does (an empty chain gives steps [""]); a file that starts with '[' is the
     official JSON and is loaded unchanged."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if text.lstrip().startswith("["):
         return load_records(path)
     records = []
@@ -406,7 +449,37 @@ def read_gsm8k(path):
                       answer=chain.split("##")[-1].strip())
         check_record(record, f"{path}: line {i}")
         records.append(record)
+    if not records:
+        raise DataError(f"{path}: holds no records")
     return records
+
+
+def read_records(dataset, path):
+    """A data file of a dataset: official-format JSON, or for GSM8k also the Internalize-CoT text."""
+    return read_gsm8k(path) if dataset == "gsm8k" else load_records(path)
+
+
+def load_split(dataset, path):
+    """One data file, ready to train on: dict(path, records, tokens, sha256); the hash of its bytes
+    tells whether a run that resumes has the same data, wherever the file is now."""
+    records = read_records(dataset, path)
+    with open(path, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    return dict(path=path, records=records, sha256=sha256,
+                tokens=[tokenize_record(r, i, path) for i, r in enumerate(records)])
+
+
+def gsm8k_help(data_dir):
+    """How to get GSM8k into data_dir: it is downloaded and converted, not generated."""
+    url = "https://raw.githubusercontent.com/da03/Internalize_CoT_Step_by_Step/" \
+          "e06a32ee5e4cd117171daeb4755d2a97ece62761/data/gsm8k"
+    # the training file is stored with Git LFS, so it comes from the media host
+    train_url = url.replace("raw.githubusercontent.com", "media.githubusercontent.com/media")
+    return (f"GSM8k is not generated: download the Internalize-CoT files (as the official code does) "
+            f"and convert them once:\n  mkdir -p {data_dir}\n  wget -P {data_dir} {train_url}/train.txt\n"
+            f"  wget -P {data_dir} {url}/valid.txt\n  wget -P {data_dir} {url}/test.txt\n"
+            f"  for s in train valid test; do python data.py --dataset gsm8k --from {data_dir}/$s.txt "
+            f"--out {data_dir}; done")
 
 
 # -----------------------------------------------------------------------------
@@ -424,6 +497,11 @@ def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=
     if dataset not in PAPER_SIZES:
         raise ValueError(f"unknown dataset {dataset!r}: expected one of {sorted(PAPER_SIZES)}")
     sizes = {**PAPER_SIZES[dataset], **(sizes or {})}
+    for split, n in sizes.items():
+        if n < 1:
+            raise ValueError(f"--n-{split} must be at least 1, not {n}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: a file, not a folder for the splits")
     paths = {s: os.path.join(out_dir, f"{s}.json") for s in SPLITS}
     for path in paths.values():  # refuse before spending a minute generating
         if os.path.exists(path) and not overwrite:
@@ -440,25 +518,48 @@ def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=
     return paths
 
 
+def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, **knobs):
+    """The paths of data_dir's three splits, generated on first use (ProsQA at the paper's size
+    takes about 10 s). The folder keeps its generator settings in generator.json: asking it for
+    other settings is refused, rather than silently training on other data."""
+    knobs = {k: knobs.get(k) for k in ("max_nodes", "min_steps", "max_steps")}
+    settings = dict(dataset=dataset, seed=seed, sizes={**PAPER_SIZES[dataset], **(sizes or {})}, **knobs)
+    paths = {s: os.path.join(data_dir, f"{s}.json") for s in SPLITS}
+    settings_path = os.path.join(data_dir, "generator.json")
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if len(missing) == len(paths):
+        print(f"generating {dataset} into {data_dir} (once; later runs reuse it)")
+        make_splits(dataset, data_dir, seed, settings["sizes"], progress=progress,
+                    **{k: v for k, v in knobs.items() if v is not None})
+        text = json.dumps(settings, indent=1)
+        write_atomic(settings_path, lambda f: f.write(text.encode()))
+    elif missing:
+        raise DataError(f"{missing[0]}: no such file (only a complete set of splits is generated, into "
+                        f"an empty folder)")
+    elif os.path.exists(settings_path):
+        made = json.loads(read_text(settings_path))
+        if made != settings:
+            diff = ", ".join(f"{k} {made.get(k)} (now {v})" for k, v in settings.items() if made.get(k) != v)
+            raise DataError(f"{data_dir} was generated with other settings: {diff}; pass another "
+                            f"--data-dir, or delete that folder to generate it anew")
+    return paths
+
+
 def summary(values):
     return f"mean {sum(values) / len(values):7.2f}   min {min(values):4d}   max {max(values):4d}"
 
 
 def print_stats(path):
-    """The statistics of DATA.md, to compare a generated or converted file with the release."""
+    """A data file's statistics, to compare a generated or converted file with the release."""
     records = load_records(path)
     rows = {"steps": [len(r["steps"]) for r in records]}
-    if all("edges" in r for r in records):  # ProsQA: the graph's statistics as well
+    if any("edges" in r for r in records):  # ProsQA: the graph's statistics as well
+        for i, r in enumerate(records):
+            check_graph(r, f"{path}: record {i}")
         rows["nodes"] = [len(r["idx_to_symbol"]) for r in records]
         rows["edges"] = [len(r["edges"]) for r in records]
         rows["persons"] = [len({u for u, _ in r["edges"]} - {v for _, v in r["edges"]}) for r in records]
-        paths = []
-        for r in records:
-            children = [[] for _ in r["idx_to_symbol"]]
-            for u, v in r["edges"]:
-                children[u].append(v)
-            paths.append(bfs(children, r["root"])[1][r["target"]])
-        rows["shortest paths"] = paths
+        rows["shortest paths"] = [bfs(children_of(r), r["root"])[1][r["target"]] for r in records]
     tokens = [tokenize_record(r, i, path) for i, r in enumerate(records)]
     rows["question+\\n tokens"] = [len(t["question"]) for t in tokens]
     rows["steps tokens"] = [sum(map(len, t["steps"])) for t in tokens]
@@ -474,22 +575,64 @@ def print_stats(path):
         print("  answers             " + "  ".join(f"{a}: {100 * c / len(records):.1f}%" for a, c in answers.items()))
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, refusing bad flags as every other bad input here is refused: one line on stderr,
+    exit status 1. Flags must be spelled out (no abbreviations), so that the flags a user gave
+    can be told from the defaults (given_flags)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
+def bounded(kind, low, high=None):
+    """An argparse type: a number of the given kind, at least low (and at most high)."""
+    def parse(text):
+        x = kind(text)
+        if x < low or (high is not None and x > high):
+            limits = f"at least {low}" + (f" and at most {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {limits}, not {text}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def given_flags(argv):
+    """The flags written on the command line, as argparse names them: {"n_train", ...}."""
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate ProsQA / ProntoQA splits, convert GSM8k, "
-                                                 "or print a data file's statistics.")
+    parser = ArgumentParser(description="Generate ProsQA / ProntoQA splits, convert GSM8k, or print a "
+                                        "data file's statistics.")
     parser.add_argument("--dataset", choices=["prosqa", "prontoqa", "gsm8k"], help="what to make")
     parser.add_argument("--out", help="output folder for the three splits (for gsm8k: a folder, or a "
                                       "file ending in .json)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the generators")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     for split in SPLITS:
-        parser.add_argument(f"--n-{split}", type=int, help=f"{split} records (default: the paper's)")
-    parser.add_argument("--max-nodes", type=int, help="ProsQA: nodes grown per graph (paper: 28)")
-    parser.add_argument("--min-steps", type=int, help="ProsQA: shortest answer path (paper: 3)")
-    parser.add_argument("--max-steps", type=int, help="ProsQA: longest answer path (paper: 6)")
+        parser.add_argument(f"--n-{split}", type=bounded(int, 1), help=f"{split} records (default: the paper's)")
+    parser.add_argument("--max-nodes", type=bounded(int, 4), help="ProsQA: nodes grown per graph (paper: 28)")
+    parser.add_argument("--min-steps", type=bounded(int, 1), help="ProsQA: shortest answer path (paper: 3)")
+    parser.add_argument("--max-steps", type=bounded(int, 1), help="ProsQA: longest answer path (paper: 6)")
     parser.add_argument("--from", dest="source", help="gsm8k: the downloaded .txt or .json file")
     parser.add_argument("--stats", metavar="FILE", help="print the statistics of a JSON data file")
     args = parser.parse_args(argv)
+    sizes = {s: getattr(args, f"n_{s}") for s in SPLITS if getattr(args, f"n_{s}") is not None}
+    knobs = {k: getattr(args, k) for k in ("max_nodes", "min_steps", "max_steps") if getattr(args, k) is not None}
+    # every flag a task does not use is refused, rather than silently ignored
+    task = "stats" if args.stats else args.dataset
+    uses = {"stats": {"stats"}, "gsm8k": {"dataset", "source", "out", "overwrite"},
+            "prontoqa": {"dataset", "out", "seed", "overwrite", "n_train", "n_valid", "n_test"}}
+    uses["prosqa"] = uses["prontoqa"] | {"max_nodes", "min_steps", "max_steps"}
+    if task is None:
+        parser.error("give --dataset (with --out) or --stats FILE")
+    given = {"source" if f == "from" else f for f in given_flags(sys.argv[1:] if argv is None else argv)}
+    for flag in sorted(given - uses[task]):
+        parser.error(f"--{'from' if flag == 'source' else flag.replace('_', '-')} does not apply to "
+                     f"{'--stats' if task == 'stats' else '--dataset ' + task}")
     try:
         if args.stats:
             print_stats(args.stats)
@@ -507,16 +650,9 @@ def main(argv=None):
         elif args.dataset:
             if not args.out:
                 parser.error(f"--dataset {args.dataset} needs --out DIR")
-            sizes = {s: getattr(args, f"n_{s}") for s in SPLITS if getattr(args, f"n_{s}") is not None}
-            knobs = {k: getattr(args, k) for k in ("max_nodes", "min_steps", "max_steps")
-                     if getattr(args, k) is not None}
-            if knobs and args.dataset != "prosqa":
-                parser.error("--max-nodes, --min-steps and --max-steps are ProsQA's knobs")
             for split, path in make_splits(args.dataset, args.out, args.seed, sizes, args.overwrite,
                                            progress=True, **knobs).items():
                 print(f"wrote {path}")
-        else:
-            parser.error("give --dataset (with --out) or --stats FILE")
     except (ValueError, OSError) as e:  # DataError is a ValueError; FileExistsError an OSError
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -309,16 +309,30 @@ class WeightsUnavailable(RuntimeError):
 
 def fetch_from_hub(name):
     """The local folder of openai-community/<name>, downloading it into the Hugging Face cache once."""
-    from huggingface_hub import hf_hub_download
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download
+    repo = f"openai-community/{name}"
+    try:  # the cache first: no network needed once the weights are there
+        return os.path.dirname(hf_hub_download(repo, "model.safetensors", local_files_only=True))
+    except Exception:
+        pass
+    how = (f"Pass a local checkpoint instead (a folder with config.json and model.safetensors or "
+           f"pytorch_model.bin), or train from scratch (--init scratch).")
+    host = urlparse(constants.ENDPOINT).hostname
+    try:  # offline, the Hub client would retry for half a minute before saying so
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise WeightsUnavailable(f"could not get the {name} weights ({repo}): they are not in the Hugging "
+                                 f"Face cache, and {host} cannot be reached (offline?). {how}") from None
     try:
-        path = hf_hub_download(f"openai-community/{name}", "model.safetensors")
-        hf_hub_download(f"openai-community/{name}", "config.json")
-    except Exception as e:  # offline, no cache, proxy, ...: one message that says what to do
+        path = hf_hub_download(repo, "model.safetensors")
+        hf_hub_download(repo, "config.json")
+    except Exception as e:  # no such model, proxy, ...: one message that says what to do
         raise WeightsUnavailable(
-            f"could not get the {name} weights from the Hugging Face Hub (openai-community/{name}) "
-            f"or its cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"Pass a local checkpoint instead (a folder with config.json and model.safetensors or "
-            f"pytorch_model.bin), or train from scratch (--init scratch).") from None
+            f"could not get the {name} weights from the Hugging Face Hub ({repo}) "
+            f"or its cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {how}") from None
     return os.path.dirname(path)
 
 

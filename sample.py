@@ -13,29 +13,28 @@ through the language-model head and print its most likely tokens, which shows wh
 "thinking of" (in ProsQA, often several candidate nodes at once: the frontier of a search).
 """
 
-import argparse
 import glob
 import os
 import sys
 
 import torch
 
+from checkpoint import CheckpointError, load_run, read_questions
 from coconut import build_example, collate
-from data import DataError, decode, encode, grade, tokenize_record
-from train import TrainError, check_tokens, load_run, read_records
+from data import ArgumentParser, DataError, decode, encode, grade
 
 
 def latest_checkpoint(root="out"):
     """The best.pt written most recently under root: the run you just trained."""
     found = glob.glob(os.path.join(root, "**", "best.pt"), recursive=True)
     if not found:
-        raise TrainError(f"no checkpoint under {root}/: train one first (python train.py --preset cpu), "
+        raise CheckpointError(f"no checkpoint under {root}/: train one first (python train.py --preset cpu), "
                          f"or pass --ckpt")
     return max(found, key=os.path.getmtime)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Answer questions with a trained checkpoint and show its thoughts.")
+    p = ArgumentParser(description="Answer questions with a trained checkpoint and show its thoughts.")
     p.add_argument("--ckpt", help="a checkpoint (.pt) or run folder (default: the newest best.pt under out/)")
     p.add_argument("--file", help="an official-format JSON file (default: the run's test file)")
     p.add_argument("--index", help="which records of the file, e.g. 0,5,9 (default: the first --num)")
@@ -46,34 +45,36 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cpu", help="cpu is plenty for a few questions")
     args = p.parse_args(argv)
+    for flag in ("num", "top_k", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.n_thoughts is not None and args.n_thoughts < 0:
+        p.error(f"--n-thoughts {args.n_thoughts}: must be at least 0")
+    ks = None if args.n_thoughts is None else [args.n_thoughts]
     try:
-        ckpt, path, run, model, curriculum = load_run(args.ckpt or latest_checkpoint(), args.device)
-        model.eval()
-        gpt, vocab = model.gpt, model.vocab
+        run = load_run(args.ckpt or latest_checkpoint(), args.device)
         if args.question:
-            source = "--question"
             records = [dict(question=args.question, steps=[], answer=None)]
             tokens = [dict(question=encode(args.question + "\n"), steps=[], answer=[])]
         else:
-            source = args.file or run.test_file or os.path.join(run.data_dir, "test.json")
-            records = read_records(run.dataset, source)
+            records, tokens = read_questions(run, args.file, "--file", ks)
             if args.index and not all(i.strip().isdigit() for i in args.index.split(",")):
-                raise TrainError(f"--index {args.index}: expected record numbers separated by commas, e.g. 0,5,9")
+                raise CheckpointError(f"--index {args.index}: expected record numbers separated by commas, e.g. 0,5,9")
             picked = [int(i) for i in args.index.split(",")] if args.index else range(min(args.num, len(records)))
             for i in picked:
                 if not 0 <= i < len(records):
-                    raise TrainError(f"--index {i}: {source} has records 0 to {len(records) - 1}")
-            records = [records[i] for i in picked]
-            tokens = [tokenize_record(r, i, source) for i, r in zip(picked, records)]
-        check_tokens(tokens, source, curriculum, [ckpt["stage"]], gpt.config.block_size, vocab)
-    except (TrainError, DataError, ValueError) as e:
+                    raise CheckpointError(f"--index {i}: {args.file or run.args.test_file} has records 0 to "
+                                     f"{len(records) - 1}")
+            records, tokens = [records[i] for i in picked], [tokens[i] for i in picked]
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
-    print(f"{path}: {run.method} on {run.dataset}, stage {ckpt['stage']}, epoch {ckpt['epoch']}\n")
+    model, gpt, vocab = run.model.eval(), run.model.gpt, run.model.vocab
+    print(f"{run.path}: {run.curriculum.method} on {run.args.dataset}, stage {run.stage}, epoch {run.epoch}\n")
     for record, t in zip(records, tokens):
-        prompt = build_example(t, curriculum, ckpt["stage"], prompt_only=True, n_thoughts=args.n_thoughts)
-        batch = vocab.batch(collate([prompt], for_generation=True), args.device)
+        prompt = build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=args.n_thoughts)
+        batch = collate([prompt], for_generation=True, device=args.device)
         answers, thoughts, n_passes = model.generate(**batch, max_new_tokens=args.max_new_tokens, return_thoughts=True)
         print(f"Q: {record['question']}")
         with torch.no_grad():  # a thought read through the LM head, as the paper decodes them
@@ -83,7 +84,7 @@ def main(argv=None):
             shown = ", ".join(f"{decode(vocab.to_gpt2([i]))!r} {p:.2f}"
                               for p, i in zip(top.values[k].tolist(), top.indices[k].tolist()))
             print(f"  thought {k + 1}: {shown}")
-        text = decode(vocab.to_gpt2(answers[0]))
+        text = decode(answers[0])
         print("A: " + text.replace("\n", "\n   "))
         if record["answer"] is not None:
             verdict = "right" if grade(text, record["answer"]) else f"wrong (gold: {record['answer']})"

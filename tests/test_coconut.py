@@ -7,11 +7,14 @@ and no KV cache: for every thought, run the whole prefix again and copy the last
 the next input embedding.
 """
 
+import random
+
 import pytest
 import torch
 from torch.nn import functional as F
 
-from coconut import Coconut, Curriculum, build_example, collate, stage_layout
+from bench import naive_thoughts, official_generate
+from coconut import Coconut, Curriculum, Vocab, build_example, collate, stage_layout
 from data import END_LATENT, EOS, LATENT, START_LATENT
 from model import GPT, GPTConfig
 
@@ -30,36 +33,12 @@ def random_tokens(seed, n_steps):
     return {"question": q, "steps": [ids(1 + (seed + i) % 3) for i in range(n_steps)], "answer": ids(2) + [EOS]}
 
 
-def naive_embeddings(gpt, ids):
-    """Input embeddings of one unpadded example with its thoughts filled in, recomputing the whole
-    prefix for every thought (the paper's definition, no cache)."""
-    embeds = gpt.transformer.wte(torch.tensor(ids))[None]
-    for j, token in enumerate(ids):
-        if token == LATENT:
-            hidden = gpt(embeds=embeds[:, :j], return_hidden=True)[2]
-            embeds = torch.cat([embeds[:, :j], hidden[:, -1:], embeds[:, j + 1:]], dim=1)
-    return embeds
-
-
-def naive_loss_sum(gpt, example):
+def naive_loss_sum(gpt, example, detach=False, latent_id=LATENT):
     """Summed cross-entropy of one example (labels shifted), and how many tokens it counts."""
-    logits = gpt(embeds=naive_embeddings(gpt, example["input_ids"]))[0][0]
+    logits = gpt(embeds=naive_thoughts(gpt, example["input_ids"], detach, latent_id))[0][0]
     labels = torch.tensor(example["labels"])
     keep = labels[1:] != -100
     return F.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum"), int(keep.sum())
-
-
-def naive_generate(gpt, prompt, max_new_tokens, eos_id):
-    """The official algorithm: one question, thoughts recomputed, no KV cache for decoding."""
-    embeds = naive_embeddings(gpt, prompt)
-    new = []
-    for _ in range(max_new_tokens):
-        token = int(gpt(embeds=embeds)[0][0, -1].argmax())
-        if token == eos_id:
-            break
-        new.append(token)
-        embeds = torch.cat([embeds, gpt.transformer.wte(torch.tensor([[token]]))], dim=1)
-    return new
 
 
 def mixed_batch_examples():
@@ -93,17 +72,8 @@ def test_gradient_flows_through_the_thoughts():
     gpt = tiny_gpt()
     Coconut(gpt)(**collate(examples))[0].backward()
     with_feedback = gpt.transformer.h[0].mlp.c_fc.weight.grad.clone()
-
     ref_gpt = tiny_gpt()
-    ids = examples[0]["input_ids"]
-    embeds = ref_gpt.transformer.wte(torch.tensor(ids))[None]
-    for j, token in enumerate(ids):
-        if token == LATENT:
-            hidden = ref_gpt(embeds=embeds[:, :j], return_hidden=True)[2].detach()
-            embeds = torch.cat([embeds[:, :j], hidden[:, -1:], embeds[:, j + 1:]], dim=1)
-    logits = ref_gpt(embeds=embeds)[0][0]
-    labels = torch.tensor(examples[0]["labels"])
-    F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100).backward()
+    naive_loss_sum(ref_gpt, examples[0], detach=True)[0].backward()
     assert not torch.allclose(with_feedback, ref_gpt.transformer.h[0].mlp.c_fc.weight.grad, atol=1e-6)
 
 
@@ -139,17 +109,22 @@ def test_pause_feeds_no_thoughts_back():
     torch.testing.assert_close(loss, ref)
 
 
+def generation_prompts():
+    cur = Curriculum(c=2, max_latent_stage=2, pad_latent_to_max=False)  # rows get 0, 2 or 4 thoughts
+    return [build_example(random_tokens(seed, n), cur, stage, prompt_only=True)["input_ids"]
+            for seed, n, stage in [(0, 3, 2), (1, 1, 3), (2, 3, 0), (3, 2, 1)]]
+
+
 def test_batched_generation_equals_one_by_one():
     gpt = tiny_gpt().eval()
-    cur = Curriculum(c=2, max_latent_stage=2, pad_latent_to_max=False)  # rows get 0, 2 or 4 thoughts
-    prompts = [build_example(random_tokens(seed, n), cur, stage, prompt_only=True)["input_ids"]
-               for seed, n, stage in [(0, 3, 2), (1, 1, 3), (2, 3, 0), (3, 2, 1)]]
+    prompts = generation_prompts()
     # pick as "eos" a token that one row emits early, so that rows stop at different times
-    eos_id = naive_generate(gpt, prompts[0], 3, eos_id=-1)[2]
-    expected = [naive_generate(gpt, p, 8, eos_id) for p in prompts]
+    eos_id = official_generate(gpt, prompts[0], 3, eos_id=-1)[2]
+    expected = [official_generate(gpt, p, 8, eos_id) for p in prompts]
     assert len({len(e) for e in expected}) > 1
 
-    model = Coconut(gpt, eos_id=eos_id)
+    model = Coconut(gpt)
+    model.eos_id = eos_id
     batch = collate([{"input_ids": p, "labels": [-100] * len(p)} for p in prompts], for_generation=True)
     answers, thoughts, n_passes = model.generate(**batch, max_new_tokens=8, return_thoughts=True)
     assert answers == expected
@@ -159,12 +134,44 @@ def test_batched_generation_equals_one_by_one():
         assert t.shape == (n, 32)
         if n:
             with torch.no_grad():
-                filled = naive_embeddings(gpt, p)[0]
+                filled = naive_thoughts(gpt, p)[0]
             slots = [j for j, tok in enumerate(p) if tok == LATENT]
             torch.testing.assert_close(t, filled[slots], atol=1e-5, rtol=1e-5)
     # passes: the prefix, one per thought column, then one per decoded token after the first
     n_thought_cols = len({j for p in batch["input_ids"] for j, tok in enumerate(p.tolist()) if tok == LATENT})
     assert n_passes == 1 + n_thought_cols + max(len(e) + 1 for e in expected) - 1
+
+
+def test_batched_generation_keeps_each_rows_positions():
+    """A model whose outputs hang on the positions (large position embeddings): left-padded rows
+    must continue from their own positions, not from the batch's column."""
+    gpt = tiny_gpt(seed=1).eval()
+    with torch.no_grad():
+        gpt.transformer.wpe.weight.mul_(40)
+    prompts = generation_prompts()
+    expected = [official_generate(gpt, p, 6, eos_id=-1) for p in prompts]
+    assert len({tuple(e) for e in expected}) > 1
+    batch = collate([{"input_ids": p} for p in prompts], for_generation=True)
+    assert Coconut(gpt).generate(**batch, max_new_tokens=6) == expected
+
+
+def test_data_vocabulary_maps_ids_in_and_out():
+    """A model over a few GPT-2 ids (--vocab data) takes and gives GPT-2 ids: its loss and answers
+    are those of the same GPT run on the ids mapped by hand."""
+    ids = sorted({EOS, S, E, L, 10, 20, 30, 40, 50, 60})
+    vocab = Vocab(ids)
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(block_size=32, vocab_size=len(ids), n_layer=1, n_head=2, n_embd=16)).eval()
+    model = Coconut(small, vocab)
+    mapped = lambda tokens: [ids.index(t) for t in tokens]  # noqa: E731
+    example = {"input_ids": [10, 20, 30, S, L, E, 40, 50, EOS], "labels": [-100] * 6 + [40, 50, EOS]}
+    loss_sum, count = naive_loss_sum(small, {"input_ids": mapped(example["input_ids"]),
+                                             "labels": [-100] * 6 + mapped([40, 50, EOS])}, latent_id=ids.index(L))
+    torch.testing.assert_close(model(**collate([example]))[0], loss_sum / count)
+    prompt = [10, 20, 30, S, L, E]
+    expected = official_generate(small, mapped(prompt), 5, eos_id=-1, latent_id=ids.index(L))
+    answer = model.generate(**collate([{"input_ids": prompt}], for_generation=True), max_new_tokens=5)
+    assert answer == [[ids[i] for i in expected]]
 
 
 # -----------------------------------------------------------------------------
