@@ -12,7 +12,6 @@ Every file is loaded with torch.load(weights_only=True): loading a checkpoint ne
 """
 
 import argparse
-import json
 import os
 import pickle
 import random
@@ -32,12 +31,6 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(obj, path):
     write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_log(history, path):
-    """A run's log.jsonl: one JSON line per epoch, then the test result."""
-    text = "".join(json.dumps(h) + "\n" for h in history)
-    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def rng_state():
@@ -172,9 +165,10 @@ def load_run(path, device="cpu"):
     return Run(model, curriculum, ckpt["stage"], args, path, ckpt["epoch"])
 
 
-def read_questions(run, path, flag, n_thoughts=None):
+def read_questions(run, path, flag, n_thoughts=None, check=None):
     """Records and tokens of a file (the run's test file when path is None), checked to fit the
-    run's model, also with each number of thoughts in n_thoughts. flag: how the user names a file."""
+    run's model, also with each number of thoughts in n_thoughts, and by check(record, where) if
+    given. flag: how the user names a file."""
     if path is None:
         path = run.args.test_file
         if not os.path.exists(path):
@@ -182,6 +176,9 @@ def read_questions(run, path, flag, n_thoughts=None):
     if n_thoughts is not None and not run.curriculum.markers:
         raise CheckpointError(f"--n-thoughts: a {run.curriculum.method} model has no thoughts")
     records = read_records(run.args.dataset, path)
+    for i, r in enumerate(records):
+        if check:
+            check(r, f"{path}: record {i}")
     tokens = [tokenize_record(r, i, path) for i, r in enumerate(records)]
     check_fits(tokens, path, run.curriculum, [run.stage], run.model.gpt.config.block_size, run.model.vocab,
                n_thoughts or ())

@@ -252,6 +252,21 @@ class Coconut(nn.Module):
         input_ids and shifted here (as the official code does); logits (B, T, vocab) at every
         position, or None with return_logits=False (training: the output layer then runs only
         where there is a label, which on a CPU is most of the time saved)."""
+        hidden, logits, targets, _ = self.supervised_logits(input_ids, labels, attention_mask, position_ids)
+        loss = F.cross_entropy(logits.float(), targets)
+        return loss, (self.gpt.lm_head(hidden) if return_logits else None)
+
+    @torch.no_grad()
+    def score(self, input_ids, labels, attention_mask=None, position_ids=None):
+        """Per row, the log-probability of its labelled tokens, each given all that comes before it
+        (thoughts included): how likely the model finds a continuation."""
+        _, logits, targets, rows = self.supervised_logits(input_ids, labels, attention_mask, position_ids)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+        return torch.zeros(input_ids.size(0), device=logp.device).index_add_(0, rows, logp)
+
+    def supervised_logits(self, input_ids, labels, attention_mask=None, position_ids=None):
+        """The final hidden states (B, T, C), and the logits, targets and row of every position
+        whose next token has a label: the part of the forward that the loss and score share."""
         B, T = input_ids.shape
         input_ids = self.model_id[input_ids]
         labels = torch.where(labels < 0, labels, self.model_id[labels.clamp(min=0)])
@@ -262,9 +277,8 @@ class Coconut(nn.Module):
         hidden, _ = self.think(input_ids, attention_mask, position_ids, KVCache())
         targets = labels[:, 1:]
         supervised = targets != -100
-        logits_sup = self.gpt.lm_head(hidden[:, :-1][supervised])
-        loss = F.cross_entropy(logits_sup.float(), targets[supervised])
-        return loss, (self.gpt.lm_head(hidden) if return_logits else None)
+        rows = supervised.nonzero()[:, 0]
+        return hidden, self.gpt.lm_head(hidden[:, :-1][supervised]), targets[supervised], rows
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, position_ids=None, max_new_tokens=128,

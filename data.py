@@ -191,6 +191,12 @@ def write_atomic(path, write):
         raise
 
 
+def write_jsonl(rows, path):
+    """One JSON line per row (a run's log, an analysis' data), written atomically."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def save_records(records, path, overwrite=False):
     """Write records as a JSON list (atomically: see write_atomic)."""
     if os.path.exists(path) and not overwrite:

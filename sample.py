@@ -1,16 +1,18 @@
 """
-Ask a trained model questions and look at its continuous thoughts.
+Ask trained models questions and look at their continuous thoughts.
 
-Flow of the repository: data -> model -> coconut -> train -> sample.
+Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
 
-    python sample.py                                   # the latest run's best checkpoint, 3 test questions
+    python sample.py                                   # the newest runs (e.g. the CPU preset's), side by side
     python sample.py --ckpt out/prosqa/coconut --index 0,17,42
-    python sample.py --file data/prosqa/valid.json --num 5 --n-thoughts 2
+    python sample.py --ckpt out/cpu-small --file data/prosqa-small/valid.json --num 5
     python sample.py --question "Every lempus is a zumpus. Tom is a lempus. Is Tom a zumpus or gorpus?"
 
-Each continuous thought is a hidden state, not a token; as in the paper (Figure 4) we read it
-through the language-model head and print its most likely tokens, which shows what the model is
-"thinking of" (in ProsQA, often several candidate nodes at once: the frontier of a search).
+A continuous thought is a hidden state, not a token. Two ways to read it are shown:
+- the paper's lens for ProsQA (Figures 6-7): after thought k, make the model start the next step
+  in language ("Every") and read the probability of each node's name there, its "value": a
+  model that searches breadth-first spreads it over the nodes k steps from the root;
+- the LM head applied to the thought itself (Figure 4): its most likely tokens.
 """
 
 import glob
@@ -20,76 +22,115 @@ import sys
 import torch
 
 from checkpoint import CheckpointError, load_run, read_questions
-from coconut import build_example, collate
-from data import ArgumentParser, DataError, decode, encode, grade
+from coconut import build_example, check_fits, collate
+from data import ArgumentParser, bfs, bounded, children_of, decode, encode, grade
 
 
-def latest_checkpoint(root="out"):
-    """The best.pt written most recently under root: the run you just trained."""
-    found = glob.glob(os.path.join(root, "**", "best.pt"), recursive=True)
-    if not found:
-        raise CheckpointError(f"no checkpoint under {root}/: train one first (python train.py --preset cpu), "
-                         f"or pass --ckpt")
-    return max(found, key=os.path.getmtime)
+@torch.no_grad()
+def node_values(run, questions, k, batch_size=256):
+    """For each (tokens, record) of a ProsQA question, {node: value} after k thoughts: the
+    probability of the node's name right after the forced start of a step, "Every" (the product
+    over its tokens; nodes with a parent: the others are never an "Every")."""
+    every, rows, examples = encode("Every"), [], []
+    for q, (tokens, record) in enumerate(questions):
+        prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=k)["input_ids"]
+        for node in sorted({v for _, v in record["edges"]}):
+            name = encode(" " + record["idx_to_symbol"][node])
+            rows.append((q, node))
+            examples.append({"input_ids": prompt + every + name, "labels": [-100] * (len(prompt) + len(every)) + name})
+    values = [{} for _ in questions]
+    device = run.model.gpt.lm_head.weight.device
+    for i in range(0, len(examples), batch_size):
+        logp = run.model.score(**collate(examples[i:i + batch_size], device=device))
+        for (q, node), value in zip(rows[i:i + batch_size], logp.exp().tolist()):
+            values[q][node] = value
+    return values
+
+
+def runs_under(path):
+    """The run folders or checkpoint a path names: a run, a checkpoint, or a folder of runs (the
+    newest one under out/ when path is None, so that after a preset all of its methods answer)."""
+    if path is None:
+        found = glob.glob(os.path.join("out", "**", "best.pt"), recursive=True)
+        if not found:
+            raise CheckpointError("no run under out/: train one first (python train.py --preset cpu), or pass --ckpt")
+        path = os.path.dirname(os.path.dirname(max(found, key=os.path.getmtime)))
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "best.pt")):
+        runs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.exists(os.path.join(path, d, "best.pt")))
+        order = ["coconut", "cot", "no-cot"]  # the method first, then its baselines
+        return sorted(runs, key=lambda r: (order.index(os.path.basename(r)) if os.path.basename(r) in order else 3, r)) or [path]
+    return [path]
+
+
+def show(run, record, tokens, n_thoughts, args):
+    """One model's answer to one question, with its thoughts read both ways."""
+    prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=n_thoughts)
+    batch = collate([prompt], for_generation=True, device=args.device)
+    answers, thoughts, n_passes = run.model.generate(**batch, max_new_tokens=args.max_new_tokens, return_thoughts=True)
+    print(f"  {run.curriculum.method} ({run.path}, stage {run.stage}):")
+    with torch.no_grad():  # a thought read through the LM head, as the paper decodes them
+        probs = torch.softmax(run.model.gpt.lm_head(thoughts[0]).float(), dim=-1)
+        top = torch.topk(probs, min(args.top_k, probs.size(-1)), dim=-1)
+    graph = "edges" in record
+    for k in range(thoughts[0].size(0)):
+        line = f"    thought {k + 1}: tokens " + ", ".join(
+            f"{decode(run.model.vocab.to_gpt2([i]))!r} {p:.2f}" for p, i in zip(top.values[k].tolist(), top.indices[k].tolist()))
+        if graph:
+            values = node_values(run, [(tokens, record)], k + 1)[0]
+            depth = bfs(children_of(record), record["root"])[0]
+            line = f"    thought {k + 1}: nodes " + ", ".join(
+                f"{record['idx_to_symbol'][n]} {v:.2f} (step {depth.get(n, '-')})"
+                for n, v in sorted(values.items(), key=lambda x: -x[1])[:args.top_k]) + " | " + line.split(": ", 1)[1]
+        print(line)
+    text = decode(answers[0])
+    verdict = "" if record["answer"] is None else "  right" if grade(text, record["answer"]) else "  wrong"
+    print("    A: " + text.replace("\n", "\n       ") + verdict)
+    print(f"       ({len(answers[0])} tokens, {thoughts[0].size(0)} thoughts, {n_passes} forward passes)")
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Answer questions with a trained checkpoint and show its thoughts.")
-    p.add_argument("--ckpt", help="a checkpoint (.pt) or run folder (default: the newest best.pt under out/)")
-    p.add_argument("--file", help="an official-format JSON file (default: the run's test file)")
+    p = ArgumentParser(description="Answer questions with trained models and show their thoughts.")
+    p.add_argument("--ckpt", help="a run folder, a checkpoint, or a folder of runs (default: the newest under out/)")
+    p.add_argument("--file", help="an official-format JSON file (default: the first run's test file)")
     p.add_argument("--index", help="which records of the file, e.g. 0,5,9 (default: the first --num)")
-    p.add_argument("--num", type=int, default=3, help="how many records when --index is not given")
+    p.add_argument("--num", type=bounded(int, 1), default=3, help="how many records when --index is not given")
     p.add_argument("--question", help="ask this question instead (no gold answer to grade against)")
-    p.add_argument("--n-thoughts", type=int, help="thoughts to use (default: as the model was trained)")
-    p.add_argument("--top-k", type=int, default=3, help="tokens shown per thought")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--n-thoughts", type=bounded(int, 0), help="thoughts to use (default: as trained)")
+    p.add_argument("--top-k", type=bounded(int, 1), default=3, help="nodes and tokens shown per thought")
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), default=128)
     p.add_argument("--device", default="cpu", help="cpu is plenty for a few questions")
     args = p.parse_args(argv)
-    for flag in ("num", "top_k", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.n_thoughts is not None and args.n_thoughts < 0:
-        p.error(f"--n-thoughts {args.n_thoughts}: must be at least 0")
-    ks = None if args.n_thoughts is None else [args.n_thoughts]
     try:
-        run = load_run(args.ckpt or latest_checkpoint(), args.device)
+        runs = [load_run(path, args.device) for path in runs_under(args.ckpt)]
+        # --n-thoughts goes to the models that have thoughts (beside them, CoT answers as it does)
+        thinking = any(run.curriculum.markers for run in runs)
+        ks_of = lambda run: None if args.n_thoughts is None or (thinking and not run.curriculum.markers) else [args.n_thoughts]  # noqa: E731
         if args.question:
-            records = [dict(question=args.question, steps=[], answer=None)]
-            tokens = [dict(question=encode(args.question + "\n"), steps=[], answer=[])]
+            questions = [(dict(question=args.question, steps=[], answer=None),
+                          dict(question=encode(args.question + "\n"), steps=[], answer=[]))]
+            for run in runs:
+                check_fits([questions[0][1]], "--question", run.curriculum, [run.stage], run.model.gpt.config.block_size,
+                           run.model.vocab, ks_of(run) or ())
         else:
-            records, tokens = read_questions(run, args.file, "--file", ks)
+            records, tokens = read_questions(runs[0], args.file, "--file", ks_of(runs[0]))
             if args.index and not all(i.strip().isdigit() for i in args.index.split(",")):
                 raise CheckpointError(f"--index {args.index}: expected record numbers separated by commas, e.g. 0,5,9")
             picked = [int(i) for i in args.index.split(",")] if args.index else range(min(args.num, len(records)))
             for i in picked:
                 if not 0 <= i < len(records):
-                    raise CheckpointError(f"--index {i}: {args.file or run.args.test_file} has records 0 to "
-                                     f"{len(records) - 1}")
-            records, tokens = [records[i] for i in picked], [tokens[i] for i in picked]
-    except ValueError as e:
+                    raise CheckpointError(f"--index {i}: the file has records 0 to {len(records) - 1}")
+            questions = [(records[i], tokens[i]) for i in picked]
+            for run in runs[1:]:  # every model must know the questions' tokens
+                read_questions(run, args.file or runs[0].args.test_file, "--file", ks_of(run))
+    except ValueError as e:  # CheckpointError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
-    model, gpt, vocab = run.model.eval(), run.model.gpt, run.model.vocab
-    print(f"{run.path}: {run.curriculum.method} on {run.args.dataset}, stage {run.stage}, epoch {run.epoch}\n")
-    for record, t in zip(records, tokens):
-        prompt = build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=args.n_thoughts)
-        batch = collate([prompt], for_generation=True, device=args.device)
-        answers, thoughts, n_passes = model.generate(**batch, max_new_tokens=args.max_new_tokens, return_thoughts=True)
-        print(f"Q: {record['question']}")
-        with torch.no_grad():  # a thought read through the LM head, as the paper decodes them
-            probs = torch.softmax(gpt.lm_head(thoughts[0]).float(), dim=-1)
-            top = torch.topk(probs, min(args.top_k, probs.size(-1)), dim=-1)
-        for k in range(thoughts[0].size(0)):
-            shown = ", ".join(f"{decode(vocab.to_gpt2([i]))!r} {p:.2f}"
-                              for p, i in zip(top.values[k].tolist(), top.indices[k].tolist()))
-            print(f"  thought {k + 1}: {shown}")
-        text = decode(answers[0])
-        print("A: " + text.replace("\n", "\n   "))
-        if record["answer"] is not None:
-            verdict = "right" if grade(text, record["answer"]) else f"wrong (gold: {record['answer']})"
-            print(f"   {verdict}")
-        print(f"   ({len(answers[0])} tokens, {thoughts[0].size(0)} thoughts, {n_passes} forward passes)\n")
+    for record, tokens in questions:
+        print(f"Q: {record['question']}" + (f"\n   (gold: {record['answer']})" if record["answer"] else ""))
+        for run in runs:
+            run.model.eval()
+            show(run, record, tokens, ks_of(run)[0] if ks_of(run) else None, args)
+        print()
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import (check_run_folders, curriculum_of, load_model, load_run, read_checkpoint, read_questions,
-                        resume_checkpoint, rng_state, save_checkpoint, set_rng_state, write_log)
+                        resume_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from coconut import METHODS, Coconut, Vocab, build_example, check_fits, collate
 from data import (LATENT, SPLITS, ArgumentParser, DataError, bounded, decode, given_flags, grade,
-                  gsm8k_help, load_split, prepare_splits, write_atomic)
+                  gsm8k_help, load_split, prepare_splits, write_atomic, write_jsonl)
 from model import GPT, HUB_MODELS, GPTConfig, WeightsUnavailable, fetch_from_hub
 
 # The paper's per-dataset recipe (Section 4.1 and the official configs); flags override it.
@@ -45,11 +45,13 @@ PRESETS = {
     # away): the three methods of Table 1, trained side by side, one process and one thread each,
     # so that two cores serve three runs. Every stage gets one epoch of 12,000 questions: many
     # distinct questions teach these models more than many passes over few, which they memorize.
+    # Coconut mixes in other stages (uniform_prob), as the paper's analysis model: it can then
+    # finish a chain in language after any number of thoughts, which analyze.py needs.
     "cpu": dict(dataset="prosqa", name="cpu-small", data_dir="data/prosqa-small",
                 method="coconut,cot,no-cot", jobs=3, threads=1, init="scratch", vocab="data",
                 n_layer=2, n_head=4, n_embd=128, block_size=256, dropout=0.0, n_train=12000,
                 n_valid=200, n_test=500, max_nodes=7, min_steps=2, max_steps=3, c=1,
-                max_latent_stage=3, epochs_per_stage=1, epochs=5, batch_size=16,
+                max_latent_stage=3, epochs_per_stage=1, epochs=5, uniform_prob=0.3, batch_size=16,
                 micro_batch_size=16, learning_rate=2e-3, warmup_iters=50, grad_clip=1.0,
                 max_new_tokens=48, eval_batch_size=100),
 }
@@ -425,7 +427,7 @@ def save_epoch(args, method, gpt, vocab, optimizer, data, state, improved):
     if improved:
         save_checkpoint({k: v for k, v in ckpt.items() if k != "optimizer"}, os.path.join(run_dir, "best.pt"))
     save_checkpoint(ckpt, os.path.join(run_dir, "ckpt.pt"))
-    write_log(state["history"], os.path.join(run_dir, "log.jsonl"))
+    write_jsonl(state["history"], os.path.join(run_dir, "log.jsonl"))
 
 
 def test_best(args, method, model, curriculum, data, device, ctx):
@@ -441,7 +443,7 @@ def test_best(args, method, model, curriculum, data, device, ctx):
     if master:
         print(json.dumps(test))
         save_checkpoint(dict(ckpt, test=test), os.path.join(run_dir, "ckpt.pt"))
-        write_log(ckpt["history"] + [test], os.path.join(run_dir, "log.jsonl"))
+        write_jsonl(ckpt["history"] + [test], os.path.join(run_dir, "log.jsonl"))
     return test
 
 

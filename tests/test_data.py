@@ -1,8 +1,8 @@
 """
 Tests of data.py's datasets: the ProsQA and ProntoQA generators, the GSM8k reader, the token
 layout, grading, and the handling of bad input. Every check compares against a reference built
-here (a BFS, a tiny forward-chaining reasoner, hand-computed token ids, the numbers of DATA.md),
-never against the code's own output.
+here (a BFS, a tiny forward-chaining reasoner, hand-computed token ids, the statistics of the
+official release, measured on its test file), never against the code's own output.
 
 Run: python -m pytest -q tests/test_data.py   (about 15 s on two cores, no network)
 """
@@ -107,8 +107,8 @@ def test_prosqa_size_knob():
 
 
 def test_prosqa_statistics_near_the_release(prosqa):
-    # DATA.md, measured on the official test file: nodes 22.8, edges 35.8, steps 3.78 (40/43/14/2.4 %),
-    # persons 2.6, question 357 tokens. Bounds are loose: 2000 graphs, 300 tokenized questions.
+    # the official release's test file: nodes 22.8, edges 35.8, steps 3.78 (40/43/14/2.4 %), persons
+    # 2.6, question 357 tokens. Bounds are loose: 2000 graphs, 300 tokenized questions.
     def mean(xs):
         return sum(xs) / len(xs)
     assert 21.7 < mean([len(r["idx_to_symbol"]) for r in prosqa]) < 23.9
@@ -188,8 +188,24 @@ def test_prontoqa_structure_and_answers():
     assert 0.4 < share < 0.6
 
 
+def test_prontoqa_distractor_rule_contradicts_the_conclusion():
+    """The unused concept carries the conclusion's property with the opposite polarity: a model
+    that matches the property word alone, ignoring the chain, is misled half the time."""
+    for r in data.generate_prontoqa(200, seed=4):
+        *context, _ = sentences(r["question"])
+        rules = [parse_rule(s) for s in context if s.split()[0] not in data.ENTITIES]
+        conclusion = r["steps"][-1]  # "Stella is (not) floral."
+        adjective, negated = conclusion.split()[-1][:-1], " not " in conclusion
+        owners = {subj for subj, _, _ in rules} | {obj for _, obj, _ in rules if obj.endswith("pus")}
+        mentions = {c: sum(c in (subj, obj) for subj, obj, _ in rules) for c in owners}
+        about = [(subj, neg) for subj, obj, neg in rules if obj == adjective]
+        assert len(about) == 2  # the proof's rule and the distractor
+        distractor = [(subj, neg) for subj, neg in about if mentions[subj] == 1]
+        assert len(distractor) == 1 and distractor[0][1] != negated
+
+
 def test_prontoqa_example_form():
-    # the layout of DATA.md's example, checked sentence by sentence on a generated record
+    # the layout of the release's first test record, checked sentence by sentence on a generated one
     r = data.generate_prontoqa(1, seed=5)[0]
     e = r["question"].split("True or false: ")[1].split()[0]
     for step in r["steps"][:5]:  # "Stella is a zumpus. Zumpuses are gorpuses." and so on
@@ -199,7 +215,7 @@ def test_prontoqa_example_form():
     assert parse_rule(sentences(r["steps"][4])[1])[1][-3:] != "pus"  # c1's property rule
     assert re.fullmatch(rf"{e} is (not )?[a-z]+\.", r["steps"][5])
     assert re.fullmatch(rf".* True or false: {e} is (not )?[a-z]+\.", r["question"])
-    assert len(data.encode(r["question"] + "\n")) in range(180, 232)  # DATA.md: 188 to 223
+    assert len(data.encode(r["question"] + "\n")) in range(180, 232)  # the original generator: 188 to 223
 
 
 # -----------------------------------------------------------------------------
@@ -337,6 +353,35 @@ def test_save_records_refuses_overwrite_and_leaves_no_temp(tmp_path):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset", "prosqa", "--out", "{tmp}/o", "--n-train", "-3"], "--n-train: must be at least 1"),
+    (["--dataset", "prosqa", "--out", "{tmp}/o", "--n-test", "0"], "--n-test: must be at least 1"),
+    (["--dataset", "prosqa", "--out", "{tmp}/afile"], "afile: a file, not a folder"),
+    (["--dataset", "prontoqa", "--out", "{tmp}/o", "--max-nodes", "9"], "--max-nodes does not apply"),
+    (["--dataset", "gsm8k", "--from", "{tmp}/binary.txt", "--out", "{tmp}/o"], "binary.txt: not a text file"),
+    (["--dataset", "gsm8k", "--from", "{tmp}/empty.txt", "--out", "{tmp}/o"], "empty.txt: holds no records"),
+    (["--dataset", "gsm8k", "--from", "{tmp}/no-answer.txt", "--out", "{tmp}/o"], "no-answer.txt: line 1: empty answer"),
+    (["--stats", "{tmp}/empty.json"], "empty.json: holds no records"),
+    (["--stats", "{tmp}/no-names.json"], "no-names.json: record 0: no 'idx_to_symbol'"),
+    (["--stats", "{tmp}/unreachable.json"], "unreachable.json: record 0: the target cannot be reached"),
+    (["--stats", "{tmp}"], "a folder, not a data file"),
+    (["--stats", "{tmp}/empty.json", "--seed", "3"], "--seed does not apply to --stats"),
+])
+def test_cli_refuses_bad_input_before_writing(tmp_path, args, expected):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "no-answer.txt").write_text("How many?|| #### \n")
+    (tmp_path / "empty.json").write_text("[]")
+    graph = dict(GOOD, edges=[[0, 1]], root=0, target=1, neg_target=0)
+    (tmp_path / "no-names.json").write_text(json.dumps([graph]))
+    (tmp_path / "unreachable.json").write_text(json.dumps([dict(graph, idx_to_symbol=["Tom", "a", "b"], target=2)]))
+    before = sorted(os.listdir(tmp_path))
+    p = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert p.returncode == 1 and expected in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

@@ -237,6 +237,10 @@ def test_a_model_that_knows_its_answers_scores_100_percent(learned):
     save_records(wrong, path)
     r = run("train.py", "--eval", learned["run"], "--eval-file", path)
     assert r.returncode == 0 and "accuracy 0.0%" in r.stdout, r.stderr[-2000:]
+    # a model without thoughts is given none, by train.py and sample.py alike
+    for cmd in (["train.py", "--eval", learned["run"]], ["sample.py", "--ckpt", learned["run"]]):
+        r = run(*cmd, "--n-thoughts", "1")
+        assert r.returncode == 1 and "a no-cot model has no thoughts" in r.stderr, r.stderr
 
 
 def test_test_split_is_scored_with_the_best_checkpoint(tiny, tmp_path, monkeypatch):

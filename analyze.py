@@ -1,0 +1,336 @@
+"""
+What the continuous thoughts hold: the paper's analyses of latent reasoning on ProsQA (Hao et al.,
+2024, Section 5, Figures 5-9), for a trained run, with tables, figures and the data behind them.
+
+Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
+
+    python analyze.py out/cpu-small/coconut        # after python train.py --preset cpu
+    python analyze.py RUN --file data/prosqa/test.json --out results/
+
+1. k-sweep (Figure 5). The same model gets k = 0, 1, ... thoughts, then writes the rest of the chain
+   in language. Each output is classified: Correct Path (a shortest path to the answer), Longer
+   Path (a valid, longer one), Hallucination (an edge that is not in the graph, or a broken
+   chain), Wrong Target (a valid path to another node), or, when only an answer is written,
+   Correct Label / Incorrect Label. The CoT and No-CoT runs beside RUN are scored as references.
+2. Node values (Figures 7, 9). After thought k the model is made to start the next step in
+   language, "Every": the value of a node is the probability of its name there (the product over
+   its tokens). Frontier nodes are split into those that can still reach the target and those
+   that cannot, by height.
+3. Parallelism (Figure 8): the summed value of the top-1, top-2, top-3 frontier nodes.
+4. A worked example (Figures 6-7): one question's graph, its node values and its outputs at each k.
+
+Where the paper is silent, we decided (the README says why):
+- k thoughts stand for k hidden steps (c = 1, as for ProsQA): a partial path is valid when its
+  first node is exactly k edges from the root and it then follows edges of the graph;
+- the frontier after thought k is the nodes whose shortest distance from the root is k (a BFS
+  layer), and thought k is analysed on the questions whose answer is more than k steps away, so
+  that a step in language is still to come;
+- a node's height is computed both ways (shortest and longest distance to a leaf); tables show
+  both, the figure uses the longest (the paper's captions; its text says the shortest).
+"""
+
+import os
+import re
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+
+from checkpoint import CheckpointError, load_run, read_questions
+from data import ArgumentParser, DataError, bfs, bounded, check_graph, children_of, grade, write_jsonl
+from sample import node_values
+from train import evaluate
+
+CATEGORIES = ("Correct Path", "Longer Path", "Hallucination", "Wrong Target", "Correct Label", "Incorrect Label")
+STEP = re.compile(r"(?:Every )?(\w+) is a (\w+)\.")
+
+
+# -----------------------------------------------------------------------------
+# Graphs and the six outcome categories
+
+def layer(children, root, k):
+    """The nodes at the end of the paths of exactly k edges from the root."""
+    nodes = {root}
+    for _ in range(k):
+        nodes = {v for u in nodes for v in children[u]}
+    return nodes
+
+
+def heights(children):
+    """(shortest, longest) distance from each node to a leaf of the DAG."""
+    short, long = {}, {}
+
+    def visit(u):
+        if u not in short:
+            below = [visit(v) for v in children[u]]
+            short[u] = 1 + min(s for s, _ in below) if below else 0
+            long[u] = 1 + max(t for _, t in below) if below else 0
+        return short[u], long[u]
+    for u in range(len(children)):
+        visit(u)
+    return short, long
+
+
+def classify(record, output, k):
+    """The paper's category of a generated text, given k thoughts before it (hidden steps)."""
+    lines = [line.strip() for line in output.split("\n") if line.strip()]
+    steps = [line for line in lines[:next((i for i, x in enumerate(lines) if x.startswith("#")), len(lines))]]
+    if not steps:  # only an answer: judged by the answer alone
+        return "Correct Label" if grade(output, record["answer"]) else "Incorrect Label"
+    index = {name: i for i, name in enumerate(record["idx_to_symbol"])}
+    edges = {tuple(e) for e in record["edges"]}
+    path = []
+    for step in steps:
+        m = STEP.fullmatch(step)
+        if not m or m.group(1) not in index or m.group(2) not in index:
+            return "Hallucination"  # not a fact about the graph's nodes
+        path.append((index[m.group(1)], index[m.group(2)]))
+    children = children_of(record)
+    if any(e not in edges for e in path) or any(a[1] != b[0] for a, b in zip(path, path[1:])):
+        return "Hallucination"  # an edge the graph does not have, or a broken chain
+    if path[0][0] not in layer(children, record["root"], k):
+        return "Hallucination"  # no k hidden steps lead to where the written path starts
+    if path[-1][1] != record["target"]:
+        return "Wrong Target"
+    shortest = bfs(children, record["root"])[0][record["target"]]
+    return "Correct Path" if k + len(path) == shortest else "Longer Path"
+
+
+# -----------------------------------------------------------------------------
+# Node values
+
+def frontier_rows(records, values, k):
+    """One row per frontier node after thought k: its value, whether it can still reach the
+    target, its heights; and per question the frontier's values, largest first."""
+    rows, per_question = [], {}
+    for q, vals in values.items():
+        r = records[q]
+        children = children_of(r)
+        dist = bfs(children, r["root"])[0]
+        short, long = heights(children)
+        front = [n for n, d in dist.items() if d == k]
+        for n in front:
+            rows.append(dict(index=q, thought=k, node=r["idx_to_symbol"][n], value=vals[n],
+                             correct=r["target"] in bfs(children, n)[0], height_short=short[n], height_long=long[n]))
+        per_question[q] = sorted((vals[n] for n in front), reverse=True)
+    return rows, per_question
+
+
+# -----------------------------------------------------------------------------
+# The four analyses
+
+def ksweep(run, records, tokens, ks, references, args):
+    """{row label: Counter of categories, plus "accuracy"}: the model at each k, then each
+    reference run; and one row per question and k for ksweep.jsonl."""
+    table, rows = {}, []
+    runs = [(f"k={k}", run, k) for k in ks] + [(name, ref, None) for name, ref in references]
+    for label, model_run, k in runs:
+        device = model_run.model.gpt.lm_head.weight.device
+        metrics, outputs = evaluate(model_run.model, tokens, records, model_run.curriculum, model_run.stage,
+                                    device, nullcontext(), args.batch_size, args.max_new_tokens, n_thoughts=k)
+        table[label] = Counter(accuracy=metrics["acc"])
+        for i in sorted(outputs):
+            category = classify(records[i], outputs[i]["output"], 0 if k is None else k // run.curriculum.c)
+            table[label][category] += 1
+            rows.append(dict(index=i, k=k, run=label, output=outputs[i]["output"], category=category,
+                             correct=outputs[i]["correct"]))
+    return table, rows
+
+
+def value_tables(records, tokens, run, args):
+    """Node values after thoughts 1 and 2: one row per frontier node, and per question the
+    frontier's values, largest first ({thought: {question: [values]}})."""
+    rows, tops = [], {}
+    for k in (1, 2):
+        questions = [q for q, r in enumerate(records) if bfs(children_of(r), r["root"])[0][r["target"]] > k]
+        values = node_values(run, [(tokens[q], records[q]) for q in questions], k, args.batch_size)
+        k_rows, tops[k] = frontier_rows(records, dict(zip(questions, values)), k)
+        rows += k_rows
+    return rows, tops
+
+
+def print_values(rows, tops):
+    print("\n## Values of frontier nodes (paper Figures 7 and 9)\n")
+    print("Mean value of the nodes k steps from the root after thought k, by whether they can still reach "
+          "the target, and by height (shortest / longest distance to a leaf).\n")
+    print("| thought | height | kind | reach the target: n, mean value | cannot: n, mean value |\n|---|---|---|---|---|")
+    for k in (1, 2):
+        for kind in ("height_short", "height_long"):
+            for h in sorted({r[kind] for r in rows if r["thought"] == k}):
+                cells = []
+                for correct in (True, False):
+                    v = [r["value"] for r in rows if r["thought"] == k and r[kind] == h and r["correct"] == correct]
+                    cells.append(f"{len(v)}, {sum(v) / len(v):.3f}" if v else "0, -")
+                print(f"| {k} | {h} | {kind.split('_')[1]}est | {cells[0]} | {cells[1]} |")
+    print("\n## Parallelism (paper Figure 8)\n")
+    print("Summed value of the top-1, top-2, top-3 frontier nodes, mean over questions with at least "
+          "2 frontier nodes (all questions in brackets).\n")
+    print("| thought | questions | top-1 | top-2 | top-3 |\n|---|---|---|---|---|")
+    for k, per_question in tops.items():
+        wide = [v for v in per_question.values() if len(v) >= 2]
+        cells = [f"{mean_top(wide, n):.3f} ({mean_top(per_question.values(), n):.3f})" for n in (1, 2, 3)]
+        print(f"| {k} | {len(wide)} ({len(per_question)}) | " + " | ".join(cells) + " |")
+
+
+def mean_top(per_question, n):
+    per_question = list(per_question)
+    return sum(sum(v[:n]) for v in per_question) / max(1, len(per_question))
+
+
+def worked_example(q, records, ks, sweep_rows, value_rows):
+    r = records[q]
+    names = r["idx_to_symbol"]
+    print(f"\n## A worked example: question {q} (paper Figures 6 and 7)\n")
+    print(r["question"] + "\n")
+    children = children_of(r)
+    print("Graph: " + "; ".join(f"{names[u]} -> {', '.join(names[v] for v in children[u])}"
+                                for u in range(len(names)) if children[u]))
+    print(f"Root {names[r['root']]}, target {names[r['target']]}, other option {names[r['neg_target']]}; "
+          f"gold steps: {' '.join(r['steps'])}\n")
+    for k in (1, 2):
+        shown = [x for x in value_rows if x["index"] == q and x["thought"] == k]
+        if shown:
+            print(f"after thought {k}: " + ", ".join(f"{x['node']} {x['value']:.2f}{'' if x['correct'] else ' (dead end)'}"
+                                                       for x in sorted(shown, key=lambda x: -x["value"])))
+    for x in sweep_rows:
+        if x["index"] == q:
+            print(f"{x['run']:>8}: {x['category']:15s} {x['output']!r}")
+
+
+# -----------------------------------------------------------------------------
+# Figures
+
+def figures(table, value_rows, tops, out):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no screen needed
+    import matplotlib.pyplot as plt
+    colors = ["#2a9d8f", "#8ab17d", "#e76f51", "#f4a261", "#457b9d", "#a8dadc"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels, bottom = list(table), [0] * len(table)
+    for category, color in zip(CATEGORIES, colors):
+        heights_ = [table[label][category] for label in labels]
+        ax.bar(labels, heights_, bottom=bottom, label=category, color=color)
+        bottom = [b + h for b, h in zip(bottom, heights_)]
+    ax.set_ylabel("questions")
+    ax.set_title("Outcomes with k thoughts (paper Figure 5)")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "ksweep.png"), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, k in zip(axes, (1, 2)):
+        rows = [r for r in value_rows if r["thought"] == k]
+        hs = sorted({r["height_long"] for r in rows})
+        for shift, correct, color in ((-0.2, True, "#2a9d8f"), (0.2, False, "#e76f51")):
+            means = [mean([r["value"] for r in rows if r["height_long"] == h and r["correct"] == correct]) for h in hs]
+            ax.bar([h + shift for h in hs], means, width=0.4, color=color,
+                   label="can reach the target" if correct else "cannot")
+        ax.set_title(f"after thought {k}")
+        ax.set_xlabel("height (longest distance to a leaf)")
+        ax.set_xticks(hs)
+    axes[0].set_ylabel("mean value of frontier nodes")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "values.png"), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, k in zip(axes, (1, 2)):
+        per_question = list(tops[k].values())
+        for n in (1, 2, 3):
+            cumulative = sorted(sum(v[:n]) for v in per_question)
+            ax.plot([100 * i / max(1, len(cumulative) - 1) for i in range(len(cumulative))], cumulative,
+                    label=f"top-{n}")
+        ax.set_title(f"thought {k}")
+        ax.set_xlabel("percentile of questions")
+    axes[0].set_ylabel("summed value of the top frontier nodes")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "parallelism.png"), dpi=120)
+    plt.close("all")
+
+
+def mean(values):
+    return sum(values) / len(values) if values else 0.0
+
+
+# -----------------------------------------------------------------------------
+# The command
+
+def references_of(run_path, given, device):
+    """The CoT and No-CoT runs to compare with: the given folders, else those beside the run."""
+    if given:
+        paths = given.split(",")
+    else:
+        parent = os.path.dirname(os.path.dirname(os.path.abspath(run_path)))
+        paths = [os.path.join(parent, m) for m in ("cot", "no-cot") if os.path.exists(os.path.join(parent, m, "best.pt"))]
+    return [(load_run(p, device).curriculum.method, load_run(p, device)) for p in paths]
+
+
+def main(argv=None):
+    p = ArgumentParser(description="The paper's analyses of what continuous thoughts hold, on ProsQA.")
+    p.add_argument("run", help="a Coconut run folder or checkpoint trained on ProsQA")
+    p.add_argument("--file", help="an official-format ProsQA file (default: the run's test file)")
+    p.add_argument("--out", help="where figures and jsonl files go (default: the run folder)")
+    p.add_argument("--n-thoughts", help="the k of the sweep, e.g. 0,1,2 (default: 0 to the model's most)")
+    p.add_argument("--references", help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
+                   "and no-cot runs beside RUN)")
+    p.add_argument("--example", type=bounded(int, 0), help="the question of the worked example")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=100)
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), help="default: the run's")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        run = load_run(args.run, args.device)
+        if not (run.curriculum.markers and run.curriculum.feedback):
+            raise CheckpointError(f"{run.path}: a {run.curriculum.method} model has no continuous thoughts to "
+                                  f"analyse: pass a Coconut run (its CoT and No-CoT runs are the references)")
+        most = run.curriculum.max_latent_stage * run.curriculum.c
+        ks = list(range(most + 1)) if args.n_thoughts is None else thought_counts(args.n_thoughts)
+        records, tokens = read_questions(run, args.file, "--file", ks, check=check_graph)
+        path = args.file or run.args.test_file
+        references = references_of(run.path, args.references, args.device)
+        for name, ref in references:
+            read_questions(ref, path, "--file")  # the same questions must fit each reference model
+        if args.example is not None and args.example >= len(records):
+            raise DataError(f"--example {args.example}: {path} has questions 0 to {len(records) - 1}")
+        out = args.out or os.path.dirname(run.path)
+        os.makedirs(out, exist_ok=True)
+    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    args.max_new_tokens = args.max_new_tokens or run.args.max_new_tokens
+    t0 = time.time()
+    table, sweep_rows = ksweep(run, records, tokens, ks, references, args)
+    value_rows, tops = value_tables(records, tokens, run, args)
+    seconds = time.time() - t0
+    print(f"{run.path}: {run.curriculum.method}, stage {run.stage}; {path}: {len(records)} questions; "
+          f"analysed in {seconds:.0f} s")
+    print_ksweep(table, len(records))
+    print_values(value_rows, tops)
+    example = args.example if args.example is not None else max(
+        tops[1], key=lambda q: (len(tops[1][q]), q in tops[2], -q), default=0)
+    worked_example(example, records, ks, sweep_rows, value_rows)
+    write_jsonl(sweep_rows, os.path.join(out, "ksweep.jsonl"))
+    by_question = {}
+    for r in value_rows:
+        by_question.setdefault((r["index"], r["thought"]), []).append(
+            {k: r[k] for k in ("node", "value", "correct", "height_short", "height_long")})
+    write_jsonl([dict(index=q, thought=k, frontier=nodes) for (q, k), nodes in sorted(by_question.items())],
+                os.path.join(out, "values.jsonl"))
+    figures(table, value_rows, tops, out)
+    print(f"\nwrote ksweep.png, values.png, parallelism.png, ksweep.jsonl and values.jsonl to {out}")
+
+
+def print_ksweep(table, n):
+    print(f"\n## k-sweep: outcomes of {n} questions (paper Figure 5)\n")
+    print("| | " + " | ".join(CATEGORIES) + " | accuracy |\n|" + "---|" * (len(CATEGORIES) + 2))
+    for label, counts in table.items():
+        print(f"| {label} | " + " | ".join(str(counts[c]) for c in CATEGORIES) + f" | {100 * counts['accuracy']:.1f}% |")
+
+
+def thought_counts(text):
+    if not all(k.isdigit() for k in text.split(",")):
+        raise DataError(f"--n-thoughts {text}: expected numbers separated by commas, e.g. 0,1,2")
+    return [int(k) for k in text.split(",")]
+
+
+if __name__ == "__main__":
+    main()
