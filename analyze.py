@@ -41,7 +41,8 @@ from data import ArgumentParser, DataError, bfs, bounded, check_graph, children_
 from sample import node_values
 from train import evaluate
 
-CATEGORIES = ("Correct Path", "Longer Path", "Hallucination", "Wrong Target", "Correct Label", "Incorrect Label")
+CATEGORIES = ("Correct Path", "Longer Path", "Hallucination", "Wrong Target", "Correct Label",
+              "Incorrect Label")
 STEP = re.compile(r"(?:Every )?(\w+) is a (\w+)\.")
 
 
@@ -111,7 +112,8 @@ def frontier_rows(records, values, k):
         front = [n for n, d in dist.items() if d == k]
         for n in front:
             rows.append(dict(index=q, thought=k, node=r["idx_to_symbol"][n], value=vals[n],
-                             correct=r["target"] in bfs(children, n)[0], height_short=short[n], height_long=long[n]))
+                             correct=r["target"] in bfs(children, n)[0], height_short=short[n],
+                             height_long=long[n]))
         per_question[q] = sorted((vals[n] for n in front), reverse=True)
     return rows, per_question
 
@@ -153,13 +155,15 @@ def print_values(rows, tops):
     print("\n## Values of frontier nodes (paper Figures 7 and 9)\n")
     print("Mean value of the nodes k steps from the root after thought k, by whether they can still reach "
           "the target, and by height (shortest / longest distance to a leaf).\n")
-    print("| thought | height | kind | reach the target: n, mean value | cannot: n, mean value |\n|---|---|---|---|---|")
+    print("| thought | height | kind | reach the target: n, mean value | cannot: n, mean value |")
+    print("|---|---|---|---|---|")
     for k in (1, 2):
         for kind in ("height_short", "height_long"):
             for h in sorted({r[kind] for r in rows if r["thought"] == k}):
                 cells = []
                 for correct in (True, False):
-                    v = [r["value"] for r in rows if r["thought"] == k and r[kind] == h and r["correct"] == correct]
+                    v = [r["value"] for r in rows
+                         if r["thought"] == k and r[kind] == h and r["correct"] == correct]
                     cells.append(f"{len(v)}, {sum(v) / len(v):.3f}" if v else "0, -")
                 print(f"| {k} | {h} | {kind.split('_')[1]}est | {cells[0]} | {cells[1]} |")
     print("\n## Parallelism (paper Figure 8)\n")
@@ -190,8 +194,9 @@ def worked_example(q, records, ks, sweep_rows, value_rows):
     for k in (1, 2):
         shown = [x for x in value_rows if x["index"] == q and x["thought"] == k]
         if shown:
-            print(f"after thought {k}: " + ", ".join(f"{x['node']} {x['value']:.2f}{'' if x['correct'] else ' (dead end)'}"
-                                                       for x in sorted(shown, key=lambda x: -x["value"])))
+            print(f"after thought {k}: " + ", ".join(
+                f"{x['node']} {x['value']:.2f}{'' if x['correct'] else ' (dead end)'}"
+                for x in sorted(shown, key=lambda x: -x["value"])))
     for x in sweep_rows:
         if x["index"] == q:
             print(f"{x['run']:>8}: {x['category']:15s} {x['output']!r}")
@@ -221,7 +226,8 @@ def figures(table, value_rows, tops, out):
         rows = [r for r in value_rows if r["thought"] == k]
         hs = sorted({r["height_long"] for r in rows})
         for shift, correct, color in ((-0.2, True, "#2a9d8f"), (0.2, False, "#e76f51")):
-            means = [mean([r["value"] for r in rows if r["height_long"] == h and r["correct"] == correct]) for h in hs]
+            means = [mean([r["value"] for r in rows if r["height_long"] == h and r["correct"] == correct])
+                     for h in hs]
             ax.bar([h + shift for h in hs], means, width=0.4, color=color,
                    label="can reach the target" if correct else "cannot")
         ax.set_title(f"after thought {k}")
@@ -233,12 +239,12 @@ def figures(table, value_rows, tops, out):
     fig.savefig(os.path.join(out, "values.png"), dpi=120)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     for ax, k in zip(axes, (1, 2)):
-        per_question = list(tops[k].values())
+        per_question = [v for v in tops[k].values() if len(v) >= 2]  # where several candidates exist
         for n in (1, 2, 3):
             cumulative = sorted(sum(v[:n]) for v in per_question)
             ax.plot([100 * i / max(1, len(cumulative) - 1) for i in range(len(cumulative))], cumulative,
                     label=f"top-{n}")
-        ax.set_title(f"thought {k}")
+        ax.set_title(f"thought {k} ({len(per_question)} questions with 2+ frontier nodes)")
         ax.set_xlabel("percentile of questions")
     axes[0].set_ylabel("summed value of the top frontier nodes")
     axes[0].legend(fontsize=8)
@@ -260,7 +266,8 @@ def references_of(run_path, given, device):
         paths = given.split(",")
     else:
         parent = os.path.dirname(os.path.dirname(os.path.abspath(run_path)))
-        paths = [os.path.join(parent, m) for m in ("cot", "no-cot") if os.path.exists(os.path.join(parent, m, "best.pt"))]
+        paths = [os.path.join(parent, m) for m in ("cot", "no-cot")
+                 if os.path.exists(os.path.join(parent, m, "best.pt"))]
     return [(load_run(p, device).curriculum.method, load_run(p, device)) for p in paths]
 
 
@@ -276,12 +283,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=bounded(int, 1), default=100)
     p.add_argument("--max-new-tokens", type=bounded(int, 1), help="default: the run's")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--method", help="for a checkpoint trained elsewhere (the official code): its method")
     args = p.parse_args(argv)
     try:
-        run = load_run(args.run, args.device)
+        run = load_run(args.run, args.device, args.method, dataset="prosqa")  # the graphs are ProsQA's
         if not (run.curriculum.markers and run.curriculum.feedback):
-            raise CheckpointError(f"{run.path}: a {run.curriculum.method} model has no continuous thoughts to "
-                                  f"analyse: pass a Coconut run (its CoT and No-CoT runs are the references)")
+            raise CheckpointError(f"{run.path}: a {run.curriculum.method} model has no continuous thoughts "
+                                  f"to analyse: pass a Coconut run (its CoT and No-CoT runs are the references)")
         most = run.curriculum.max_latent_stage * run.curriculum.c
         ks = list(range(most + 1)) if args.n_thoughts is None else thought_counts(args.n_thoughts)
         records, tokens = read_questions(run, args.file, "--file", ks, check=check_graph)
@@ -323,7 +331,8 @@ def print_ksweep(table, n):
     print(f"\n## k-sweep: outcomes of {n} questions (paper Figure 5)\n")
     print("| | " + " | ".join(CATEGORIES) + " | accuracy |\n|" + "---|" * (len(CATEGORIES) + 2))
     for label, counts in table.items():
-        print(f"| {label} | " + " | ".join(str(counts[c]) for c in CATEGORIES) + f" | {100 * counts['accuracy']:.1f}% |")
+        cells = " | ".join(str(counts[c]) for c in CATEGORIES)
+        print(f"| {label} | {cells} | {100 * counts['accuracy']:.1f}% |")
 
 
 def thought_counts(text):

@@ -1,7 +1,7 @@
 """
 Checkpoints in and out: the one loader that turns any checkpoint into a model ready to answer.
 
-Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample.
+Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
 
 It also keeps a run folder safe (never overwritten, resumed only as itself) and holds what a
 checkpoint saves besides weights (the RNG states). What it reads, by what it finds:
@@ -12,17 +12,20 @@ Every file is loaded with torch.load(weights_only=True): loading a checkpoint ne
 """
 
 import argparse
+import json
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from dataclasses import dataclass
 
 import torch
 
 from coconut import Coconut, Curriculum, Vocab, check_fits
-from data import N_VOCAB, encode, read_records, tokenize_record, write_atomic
-from model import GPT, HUB_MODELS, GPTConfig, WeightsUnavailable
+from data import (EOS, N_VOCAB, PAPER_RECIPE, SPECIAL_TOKENS, bpe_dir, encode, read_records, tokenize_record,
+                  write_atomic)
+from model import GPT, HUB_MODELS, GPTConfig, WeightsUnavailable, read_gpt2_weights
 
 
 class CheckpointError(ValueError):
@@ -109,31 +112,33 @@ def resume_checkpoint(run_dir, run_args, data, may_differ):
 
 
 def load_model(path, dropout=0.0):
-    """(gpt, vocab, ckpt) from any checkpoint. Ours comes with its checkpoint dict; GPT-2 weights
-    with ckpt None, and Coconut's three tokens added as copies of "<<", as in the official code."""
+    """(gpt, vocab, ckpt) from any checkpoint. Ours comes with its checkpoint dict. GPT-2 weights
+    come with dict(official=..., vocab_size=...): whether the file is the official code's Coconut
+    (keys "base_causallm.*"), and the vocabulary it had before Coconut's three tokens were added
+    (as copies of "<<", as in the official code) where they were missing."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         path = best_checkpoint(path)
-    ckpt = None
-    if path not in HUB_MODELS and not os.path.isdir(path) and not path.endswith(".safetensors"):
-        ckpt = read_checkpoint(path)
-    if ckpt is not None and "model_args" in ckpt:
-        gpt = GPT(GPTConfig(**dict(ckpt["model_args"], dropout=dropout)))
-        try:
-            gpt.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights do not fit its model ({str(e).splitlines()[1].strip()})") from None
-        return gpt, Vocab(ckpt["vocab"]), ckpt
-    try:  # GPT-2 tensors in the Hugging Face layout
-        gpt = GPT.from_pretrained(path, override_args=dict(dropout=dropout))
+    try:
+        if path in HUB_MODELS or os.path.isdir(path) or path.endswith(".safetensors"):
+            raw, config_path = read_gpt2_weights(path)
+        else:
+            raw, config_path = read_checkpoint(path), None
+            if "model_args" in raw:  # ours
+                gpt = GPT(GPTConfig(**dict(raw["model_args"], dropout=dropout)))
+                gpt.load_state_dict(raw["model"])
+                return gpt, Vocab(raw["vocab"]), raw
+        gpt = GPT.from_state_dict(raw, path, config_path, override_args=dict(dropout=dropout))
     except (WeightsUnavailable, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from None
-    except Exception as e:  # tensors that are not GPT-2's, a corrupt file, a config.json without sizes
-        raise CheckpointError(f"{path}: not a readable GPT-2 checkpoint ({type(e).__name__}: {e})") from None
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # not GPT-2's tensors, or not all of them
+        raise CheckpointError(f"{path}: not a GPT-2 checkpoint we can read ({str(e).splitlines()[0]})") from None
+    info = dict(official=any(k.removeprefix("module.").startswith("base_causallm.") for k in raw),
+                vocab_size=gpt.config.vocab_size)
     if gpt.config.vocab_size not in (50257, N_VOCAB):
         raise CheckpointError(f"{path} has a vocabulary of {gpt.config.vocab_size} tokens; Coconut needs "
                               f"GPT-2's 50257 (grown here to {N_VOCAB})")
     gpt.grow_vocab(N_VOCAB, init_from_id=encode("<<")[0])
-    return gpt, Vocab(), None
+    return gpt, Vocab(), info
 
 
 def curriculum_of(args, method):
@@ -148,21 +153,48 @@ class Run:
     model: Coconut
     curriculum: Curriculum
     stage: int  # the stage it was trained at last: the layout of its prompts
-    args: argparse.Namespace  # the flags it was trained with
+    args: argparse.Namespace  # the flags it was trained with (for other checkpoints: the paper's)
     path: str
-    epoch: int
+    epoch: int  # None for checkpoints not written by train.py
 
 
-def load_run(path, device="cpu"):
-    """A run of train.py (a checkpoint, or a run folder: its best.pt), ready to answer."""
+def load_run(path, device="cpu", method=None, dataset=None):
+    """A trained model ready to answer: a run of train.py (a checkpoint, or a run folder: its
+    best.pt), which knows its method and dataset; or GPT-2 weights trained elsewhere (the official
+    code's state dicts), for which method and dataset must be given. Those answer at the last
+    stage of the paper's curriculum for the dataset, as the official evaluation does."""
     gpt, vocab, ckpt = load_model(path)
-    if ckpt is None:
-        raise CheckpointError(f"{path}: GPT-2 weights, not a trained run of train.py")
-    args = argparse.Namespace(**ckpt["args"])
+    if "model_args" in ckpt:  # a run says what it is; a method or dataset given must agree
+        args, stage, epoch = argparse.Namespace(**ckpt["args"]), ckpt["stage"], ckpt["epoch"]
+        for asked, trained in ((method, args.method), (dataset, args.dataset)):
+            if asked not in (None, trained):
+                raise CheckpointError(f"{path} was trained by train.py as {args.method} on {args.dataset}, "
+                                      f"not {asked}")
+        path = path if os.path.isfile(path) else best_checkpoint(path)
+    else:
+        if method is None or dataset is None:
+            missing = "--method" + (" and --dataset" if dataset is None else "")
+            raise CheckpointError(f"{path}: a GPT-2 state dict does not say what it was trained for: pass "
+                                  f"{missing} (e.g. --method coconut)")
+        args = argparse.Namespace(method=method, dataset=dataset, test_file=None, uniform_prob=0.0,
+                                  **PAPER_RECIPE[dataset])
+        check_method(path, ckpt, curriculum_of(args, method))
+        stage, epoch = curriculum_of(args, method).stages[-1], None
     curriculum = curriculum_of(args, args.method)
     model = Coconut(gpt.to(device), vocab, feedback=curriculum.feedback)
-    path = path if os.path.isfile(path) else best_checkpoint(path)
-    return Run(model, curriculum, ckpt["stage"], args, path, ckpt["epoch"])
+    return Run(model, curriculum, stage, args, path, epoch)
+
+
+def check_method(path, info, curriculum):
+    """A --method must fit the weights: the official code wraps only its Coconut models
+    (thoughts fed back, 50260 tokens); its CoT, No-CoT and w/o-thought models stay plain GPT-2
+    with 50257 tokens, without the <|latent|> token that thoughts need."""
+    if info["official"] and not (curriculum.markers and curriculum.feedback):
+        raise CheckpointError(f"--method {curriculum.method}: {path} is the official code's Coconut "
+                              f"(keys base_causallm.*), a model with thoughts: pass --method coconut")
+    if curriculum.markers and info["vocab_size"] < N_VOCAB:
+        raise CheckpointError(f"--method {curriculum.method}: {path} has {info['vocab_size']} tokens, no "
+                              f"<|latent|>: a model without thoughts (cot, no-cot or no-thoughts)")
 
 
 def read_questions(run, path, flag, n_thoughts=None, check=None):
@@ -171,6 +203,8 @@ def read_questions(run, path, flag, n_thoughts=None, check=None):
     given. flag: how the user names a file."""
     if path is None:
         path = run.args.test_file
+        if path is None:
+            raise CheckpointError(f"{run.path} comes without a test file: pass {flag} FILE")
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: the run's test file is gone (moved?): pass {flag} FILE")
     if n_thoughts is not None and not run.curriculum.markers:
@@ -183,3 +217,63 @@ def read_questions(run, path, flag, n_thoughts=None, check=None):
     check_fits(tokens, path, run.curriculum, [run.stage], run.model.gpt.config.block_size, run.model.vocab,
                n_thoughts or ())
     return records, tokens
+
+
+def export_hf(path, folder):
+    """Write the model of any checkpoint as a Hugging Face GPT-2 folder, which
+    transformers.GPT2LMHeadModel.from_pretrained(folder) loads with the same logits: config.json,
+    model.safetensors, GPT-2's tokenizer files with Coconut's three tokens (50260 in all) and a
+    note on them. A --vocab data model cannot be one: its token ids are not GPT-2's."""
+    from safetensors.torch import save_file
+    gpt, vocab, _ = load_model(path)
+    if vocab.ids is not None:
+        raise CheckpointError(f"{path} was trained with --vocab data: it knows {vocab.size} of GPT-2's "
+                              f"tokens, under ids of its own, so it cannot be a GPT-2 checkpoint")
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise CheckpointError(f"{folder}: exists and is not an empty folder; export into a new one")
+    c = gpt.config
+    config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
+                  n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                  activation_function="gelu_new",  # the tanh approximation, as model.MLP
+                  layer_norm_epsilon=1e-5, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=EOS,
+                  eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=True)
+    added = {name: i for name, i in SPECIAL_TOKENS.items() if i != EOS}
+    files = {"config.json": json.dumps(config, indent=1), "added_tokens.json": json.dumps(added, indent=1),
+             "special_tokens_map.json": json.dumps({k: "<|endoftext|>" for k in ("bos_token", "eos_token",
+                                                                                 "unk_token", "pad_token")}),
+             "tokenizer_config.json": json.dumps(dict(tokenizer_class="GPT2Tokenizer",
+                                                      model_max_length=c.block_size)),
+             "README.md": EXPORT_NOTE.format(source=os.path.abspath(path))}
+    tmp = f"{folder.rstrip(os.sep)}.{os.getpid()}.tmp"  # all files, then one rename: never half a folder
+    os.makedirs(tmp)
+    try:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        for name, ours in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
+            shutil.copyfile(os.path.join(bpe_dir(), ours), os.path.join(tmp, name))
+        save_file(gpt.hf_state_dict(), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # empty, checked above
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {folder}: a Hugging Face GPT-2, {gpt.get_num_params() / 1e6:.1f}M parameters, "
+          f"{c.vocab_size} tokens")
+
+
+EXPORT_NOTE = """# A Coconut model in the Hugging Face GPT-2 layout
+
+Exported from {source} by coconut's `python train.py --export`.
+
+    from transformers import GPT2LMHeadModel, GPT2Tokenizer
+    model = GPT2LMHeadModel.from_pretrained(this_folder)
+    tokenizer = GPT2Tokenizer.from_pretrained(this_folder)
+
+The vocabulary is GPT-2's 50257 tokens and Coconut's three, with the official code's ids:
+`<|start-latent|>` 50257 and `<|end-latent|>` 50258 mark where thoughts begin and end, and
+`<|latent|>` 50259 is a thought's slot. A plain `generate` treats a slot as an ordinary token: a
+continuous thought replaces the slot's input embedding with the last hidden state of the position
+before it, so thoughts need Coconut's forward (coconut.py, or the official Coconut wrapper, which
+loads these weights). Padding and end of text are `<|endoftext|>` 50256.
+"""

@@ -1,17 +1,19 @@
 """
 Chain of Continuous Thought (Coconut; Hao et al., 2024, arXiv 2412.06769), on top of model.py.
 
-Flow of the repository: data -> model -> coconut -> train -> sample.
+Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
 
 The method in three parts, in the order a reader needs them:
-1. the curriculum: at stage k the first k reasoning steps of an example are replaced by k*c
-   <|latent|> slots between <|start-latent|> and <|end-latent|>, and the loss ignores question,
-   markers and slots (stage_layout, build_example, collate);
+1. the curriculum: which stage each epoch trains (Curriculum.schedule); at stage k the first k
+   reasoning steps of an example are replaced by k*c <|latent|> slots between <|start-latent|>
+   and <|end-latent|>, and the loss ignores question, markers and slots (stage_layout,
+   build_example, collate; Vocab maps GPT-2 ids to a smaller model vocabulary);
 2. the forward: each <|latent|> slot takes as its input embedding the last hidden state (after
    ln_f) of the position just before it, a "continuous thought"; since that state only exists once
    the prefix has been run, n thoughts take n+1 passes, each reusing the KV cache of the prefix,
    and the loss back-propagates through every thought (Coconut.forward);
-3. batched greedy generation: run the thoughts, then decode with the KV cache (Coconut.generate).
+3. batched greedy generation: run the thoughts, then decode with the KV cache (Coconut.generate),
+   and the probability of a given continuation (Coconut.score, how analyze.py reads a thought).
 """
 
 from dataclasses import dataclass

@@ -1,15 +1,17 @@
 """
 The data side of Coconut: the GPT-2 tokenizer (offline), and the three datasets of the paper.
 
-Flow of the repository: data -> model -> coconut -> train -> sample. This file comes first:
-it knows how text becomes token ids, and how the ProsQA / ProntoQA / GSM8k records look.
+Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
+This file comes first: it knows how text becomes token ids, how the ProsQA / ProntoQA / GSM8k
+records look, and the paper's recipe for each dataset; it also holds the small helpers every
+command shares (one atomic file writer, argparse refusing bad flags in one line).
 
 Records use the JSON format of the official release (facebookresearch/coconut):
 a list of {"question": str, "steps": [str, ...], "answer": str}.
 
     python data.py --dataset prosqa --out data/prosqa        # or prontoqa: the paper's three splits
     python data.py --dataset gsm8k --from train.txt --out data/gsm8k
-    python data.py --stats data/prosqa/test.json             # compare with the release (README, Data)
+    python data.py --stats data/prosqa/test.json             # compare with the release (NOTES.md)
 """
 
 import argparse
@@ -493,6 +495,13 @@ def gsm8k_help(data_dir):
 
 PAPER_SIZES = {"prosqa": dict(train=17886, valid=300, test=500),
                "prontoqa": dict(train=9000, valid=200, test=800)}
+# The paper's training recipe per dataset (Section 4.1 and the official configs): thoughts per
+# step, latent stages, epochs, and the greedy decoding budget of its evaluation.
+PAPER_RECIPE = {
+    "prosqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
+    "prontoqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
+    "gsm8k": dict(c=2, max_latent_stage=3, epochs_per_stage=3, epochs=25, max_new_tokens=64),
+}
 SPLITS = ("train", "valid", "test")
 
 

@@ -1,7 +1,7 @@
 """
 GPT-2 in one file, in the style of nanoGPT (karpathy/nanoGPT), with what Coconut needs from it.
 
-Flow of the repository: data -> model -> coconut -> train -> sample.
+Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
 
 Beyond nanoGPT's model, this one takes
 - input embeddings instead of token ids (a continuous thought is a vector, not a token),
@@ -14,7 +14,7 @@ It loads OpenAI's GPT-2 weights (124M to 1.5B) from the Hugging Face Hub or a lo
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -238,29 +238,36 @@ class GPT(nn.Module):
         model.safetensors or pytorch_model.bin), or a single weights file.
         override_args: e.g. dict(dropout=0.1).
         """
-        state_dict, config_args = load_gpt2_checkpoint(name_or_path)
-        config_args.update(override_args or {})
-        model = GPT(GPTConfig(**config_args))
+        raw, config_path = read_gpt2_weights(name_or_path)
+        return cls.from_state_dict(raw, name_or_path, config_path, override_args)
+
+    @classmethod
+    def from_state_dict(cls, raw, where, config_path=None, override_args=None):
+        """A GPT from tensors in the Hugging Face layout (see gpt2_tensors); where names them in errors."""
+        state_dict, config_args = gpt2_tensors(raw, where, config_path)
+        model = GPT(GPTConfig(**{**config_args, **(override_args or {})}))
         sd = model.state_dict()
-        # the OpenAI checkpoints use a "Conv1D" module, but we only want a vanilla Linear:
-        # these four weights are stored transposed
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         expected = set(k for k in sd if k != "lm_head.weight")  # tied to wte
         missing = sorted(expected - set(state_dict))
         unexpected = sorted(set(state_dict) - expected)
         if missing or unexpected:
-            raise ValueError(f"{name_or_path}: not a GPT-2 checkpoint of this shape: missing {missing[:5]}, "
+            raise ValueError(f"{where}: not a GPT-2 checkpoint of this shape: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         with torch.no_grad():
             for k in expected:
-                w = state_dict[k]
-                if k.endswith(transposed):
-                    w = w.t()
+                # the OpenAI checkpoints use a "Conv1D" module, but we only want a vanilla Linear:
+                # these four weights are stored transposed
+                w = state_dict[k].t() if k.endswith(CONV1D) else state_dict[k]
                 if w.shape != sd[k].shape:
-                    raise ValueError(f"{name_or_path}: tensor {k} has shape {tuple(w.shape)}, "
-                                     f"expected {tuple(sd[k].shape)}")
+                    raise ValueError(f"{where}: tensor {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
         return model
+
+    def hf_state_dict(self):
+        """Our weights under Hugging Face's GPT2LMHeadModel names, Conv1D weights transposed back,
+        without lm_head.weight (tied to wte, as Hugging Face saves it): from_state_dict's inverse."""
+        return {k: (v.t() if k.endswith(CONV1D) else v).contiguous()
+                for k, v in self.state_dict().items() if k != "lm_head.weight"}
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.999), device_type="cpu"):
         """AdamW, with weight decay on matrices and embeddings only (not on biases and LayerNorms)."""
@@ -318,8 +325,8 @@ def fetch_from_hub(name):
         return os.path.dirname(hf_hub_download(repo, "model.safetensors", local_files_only=True))
     except Exception:
         pass
-    how = (f"Pass a local checkpoint instead (a folder with config.json and model.safetensors or "
-           f"pytorch_model.bin), or train from scratch (--init scratch).")
+    how = ("Pass a local checkpoint instead (a folder with config.json and model.safetensors or "
+           "pytorch_model.bin), or train from scratch (--init scratch).")
     host = urlparse(constants.ENDPOINT).hostname
     try:  # offline, the Hub client would retry for half a minute before saying so
         socket.getaddrinfo(host, 443)
@@ -336,45 +343,58 @@ def fetch_from_hub(name):
     return os.path.dirname(path)
 
 
-def load_gpt2_checkpoint(name_or_path):
-    """(state_dict in our names, GPTConfig kwargs): keys as "transformer.h.0.attn.c_attn.weight" etc.,
-    attention-mask buffers and the tied lm_head.weight dropped, Conv1D weights still transposed."""
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def read_gpt2_weights(name_or_path):
+    """(tensors, path of the config.json beside them or None) of a Hub name, a Hugging Face
+    folder or a weights file (safetensors, or torch.load without running code)."""
     if name_or_path in HUB_MODELS and not os.path.exists(name_or_path):
         name_or_path = fetch_from_hub(name_or_path)
     if os.path.isdir(name_or_path):
         files = [os.path.join(name_or_path, f) for f in WEIGHT_FILES if os.path.exists(os.path.join(name_or_path, f))]
         if not files:
             raise FileNotFoundError(f"{name_or_path}: no {' or '.join(WEIGHT_FILES)} in this folder")
-        weights, folder = files[0], name_or_path
+        weights = files[0]
     elif os.path.isfile(name_or_path):
-        weights, folder = name_or_path, os.path.dirname(name_or_path)
+        weights = name_or_path
     else:
         raise FileNotFoundError(f"{name_or_path}: no such file or folder, and not one of {', '.join(HUB_MODELS)}")
-
     if weights.endswith(".safetensors"):
         from safetensors.torch import load_file
         raw = load_file(weights)
     else:
         raw = torch.load(weights, map_location="cpu", weights_only=True)
+    config_path = os.path.join(os.path.dirname(weights), "config.json")
+    return raw, config_path if os.path.exists(config_path) else None
+
+
+def gpt2_tensors(raw, where, config_path=None):
+    """(state_dict in our names, GPTConfig kwargs) from GPT-2 tensors in the Hugging Face layout:
+    keys as GPT2LMHeadModel ("transformer.h.0.attn.c_attn.weight", ...) or GPT2Model ("h.0...")
+    names them, or, as the official Coconut code saves them, behind "base_causallm." with a second
+    copy of wte as "embedding.weight" (and "module." when saved from DDP). Attention-mask buffers
+    and the tied lm_head.weight are dropped, Conv1D weights left transposed. Sizes come from
+    config.json when there is one, else from the tensors (the head count from GPT-2's own sizes)."""
     state_dict = {}
     for k, v in raw.items():
+        k = k.removeprefix("module.").removeprefix("base_causallm.")
+        if k == "embedding.weight":  # the official Coconut's handle on wte: the same tensor
+            continue
         # GPT2LMHeadModel prefixes "transformer.", GPT2Model (the Hub's openai-community files) does not
         k = "transformer." + k.removeprefix("transformer.")
-        # causal-mask buffers are not weights, and lm_head is tied to wte
         if k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")):
-            continue
-        state_dict[k] = v.float()
-    if "transformer.wte.weight" not in state_dict:
-        raise ValueError(f"{weights}: no wte.weight tensor, so not a GPT-2 checkpoint")
-
-    # sizes from config.json when present (a vocabulary already grown to 50260 loads as is),
-    # else from the tensors themselves
+            continue  # causal-mask buffers are not weights, and lm_head is tied to wte
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{where}: {k} is a {type(v).__name__}, not a tensor")
+        state_dict[k] = v.float()  # bf16 checkpoints too
+    if "transformer.wte.weight" not in state_dict or "transformer.wpe.weight" not in state_dict:
+        raise ValueError(f"{where}: no wte.weight and wpe.weight tensors, so not a GPT-2 checkpoint")
     vocab_size, n_embd = state_dict["transformer.wte.weight"].shape
-    n_layer = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h."))
-    config_args = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer,
-                       block_size=state_dict["transformer.wpe.weight"].shape[0])
-    config_path = os.path.join(folder, "config.json")
-    if os.path.exists(config_path):
+    layers = [int(k.split(".")[2]) for k in state_dict if k.startswith("transformer.h.")]
+    config_args = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=1 + max(layers, default=-1),
+                       block_size=state_dict["transformer.wpe.weight"].shape[0], bias=True)
+    if config_path is not None:  # a vocabulary already grown to 50260 loads as is
         with open(config_path) as f:
             hf = json.load(f)
         config_args.update(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
@@ -382,9 +402,7 @@ def load_gpt2_checkpoint(name_or_path):
     else:
         known = [v for v in HUB_MODELS.values() if v["n_embd"] == n_embd]
         if not known:
-            raise ValueError(f"{weights}: no config.json beside it, and its width {n_embd} is not a "
+            raise ValueError(f"{where}: no config.json beside it, and its width {n_embd} is not a "
                              f"GPT-2 size, so the number of heads is unknown")
         config_args["n_head"] = known[0]["n_head"]
-    config_args["bias"] = True
-    valid = {f.name for f in fields(GPTConfig)}
-    return state_dict, {k: v for k, v in config_args.items() if k in valid}
+    return state_dict, config_args

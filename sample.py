@@ -23,7 +23,7 @@ import torch
 
 from checkpoint import CheckpointError, load_run, read_questions
 from coconut import build_example, check_fits, collate
-from data import ArgumentParser, bfs, bounded, children_of, decode, encode, grade
+from data import PAPER_RECIPE, ArgumentParser, bfs, bounded, children_of, decode, encode, grade
 
 
 @torch.no_grad()
@@ -37,7 +37,8 @@ def node_values(run, questions, k, batch_size=256):
         for node in sorted({v for _, v in record["edges"]}):
             name = encode(" " + record["idx_to_symbol"][node])
             rows.append((q, node))
-            examples.append({"input_ids": prompt + every + name, "labels": [-100] * (len(prompt) + len(every)) + name})
+            labels = [-100] * (len(prompt) + len(every)) + name
+            examples.append({"input_ids": prompt + every + name, "labels": labels})
     values = [{} for _ in questions]
     device = run.model.gpt.lm_head.weight.device
     for i in range(0, len(examples), batch_size):
@@ -53,12 +54,13 @@ def runs_under(path):
     if path is None:
         found = glob.glob(os.path.join("out", "**", "best.pt"), recursive=True)
         if not found:
-            raise CheckpointError("no run under out/: train one first (python train.py --preset cpu), or pass --ckpt")
+            raise CheckpointError("no run under out/: train one (python train.py --preset cpu), or pass --ckpt")
         path = os.path.dirname(os.path.dirname(max(found, key=os.path.getmtime)))
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "best.pt")):
-        runs = sorted(os.path.join(path, d) for d in os.listdir(path) if os.path.exists(os.path.join(path, d, "best.pt")))
         order = ["coconut", "cot", "no-cot"]  # the method first, then its baselines
-        return sorted(runs, key=lambda r: (order.index(os.path.basename(r)) if os.path.basename(r) in order else 3, r)) or [path]
+        runs = [d for d in os.listdir(path) if os.path.exists(os.path.join(path, d, "best.pt"))]
+        runs.sort(key=lambda d: (order.index(d) if d in order else len(order), d))
+        return [os.path.join(path, d) for d in runs] or [path]
     return [path]
 
 
@@ -66,22 +68,21 @@ def show(run, record, tokens, n_thoughts, args):
     """One model's answer to one question, with its thoughts read both ways."""
     prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=n_thoughts)
     batch = collate([prompt], for_generation=True, device=args.device)
-    answers, thoughts, n_passes = run.model.generate(**batch, max_new_tokens=args.max_new_tokens, return_thoughts=True)
+    answers, thoughts, n_passes = run.model.generate(**batch, max_new_tokens=args.max_new_tokens,
+                                                     return_thoughts=True)
     print(f"  {run.curriculum.method} ({run.path}, stage {run.stage}):")
     with torch.no_grad():  # a thought read through the LM head, as the paper decodes them
         probs = torch.softmax(run.model.gpt.lm_head(thoughts[0]).float(), dim=-1)
         top = torch.topk(probs, min(args.top_k, probs.size(-1)), dim=-1)
-    graph = "edges" in record
     for k in range(thoughts[0].size(0)):
-        line = f"    thought {k + 1}: tokens " + ", ".join(
-            f"{decode(run.model.vocab.to_gpt2([i]))!r} {p:.2f}" for p, i in zip(top.values[k].tolist(), top.indices[k].tolist()))
-        if graph:
-            values = node_values(run, [(tokens, record)], k + 1)[0]
+        shown = "tokens " + ", ".join(f"{decode(run.model.vocab.to_gpt2([i]))!r} {p:.2f}"
+                                      for p, i in zip(top.values[k].tolist(), top.indices[k].tolist()))
+        if "edges" in record:  # a ProsQA graph: the nodes first, with how many steps from the root
+            values = sorted(node_values(run, [(tokens, record)], k + 1)[0].items(), key=lambda x: -x[1])
             depth = bfs(children_of(record), record["root"])[0]
-            line = f"    thought {k + 1}: nodes " + ", ".join(
-                f"{record['idx_to_symbol'][n]} {v:.2f} (step {depth.get(n, '-')})"
-                for n, v in sorted(values.items(), key=lambda x: -x[1])[:args.top_k]) + " | " + line.split(": ", 1)[1]
-        print(line)
+            shown = "nodes " + ", ".join(f"{record['idx_to_symbol'][n]} {v:.2f} (step {depth.get(n, '-')})"
+                                         for n, v in values[:args.top_k]) + " | " + shown
+        print(f"    thought {k + 1}: {shown}")
     text = decode(answers[0])
     verdict = "" if record["answer"] is None else "  right" if grade(text, record["answer"]) else "  wrong"
     print("    A: " + text.replace("\n", "\n       ") + verdict)
@@ -90,31 +91,36 @@ def show(run, record, tokens, n_thoughts, args):
 
 def main(argv=None):
     p = ArgumentParser(description="Answer questions with trained models and show their thoughts.")
-    p.add_argument("--ckpt", help="a run folder, a checkpoint, or a folder of runs (default: the newest under out/)")
+    p.add_argument("--ckpt", help="a run folder, a checkpoint or a folder of runs (default: the newest)")
     p.add_argument("--file", help="an official-format JSON file (default: the first run's test file)")
     p.add_argument("--index", help="which records of the file, e.g. 0,5,9 (default: the first --num)")
-    p.add_argument("--num", type=bounded(int, 1), default=3, help="how many records when --index is not given")
+    p.add_argument("--num", type=bounded(int, 1), default=3, help="how many records without --index")
     p.add_argument("--question", help="ask this question instead (no gold answer to grade against)")
     p.add_argument("--n-thoughts", type=bounded(int, 0), help="thoughts to use (default: as trained)")
     p.add_argument("--top-k", type=bounded(int, 1), default=3, help="nodes and tokens shown per thought")
     p.add_argument("--max-new-tokens", type=bounded(int, 1), default=128)
     p.add_argument("--device", default="cpu", help="cpu is plenty for a few questions")
+    p.add_argument("--method", help="for a checkpoint trained elsewhere (the official code): its method")
+    p.add_argument("--dataset", choices=sorted(PAPER_RECIPE), help="... and its dataset")
     args = p.parse_args(argv)
     try:
-        runs = [load_run(path, args.device) for path in runs_under(args.ckpt)]
+        runs = [load_run(path, args.device, args.method, args.dataset) for path in runs_under(args.ckpt)]
         # --n-thoughts goes to the models that have thoughts (beside them, CoT answers as it does)
         thinking = any(run.curriculum.markers for run in runs)
-        ks_of = lambda run: None if args.n_thoughts is None or (thinking and not run.curriculum.markers) else [args.n_thoughts]  # noqa: E731
+
+        def ks_of(run):
+            given = args.n_thoughts is not None and (run.curriculum.markers or not thinking)
+            return [args.n_thoughts] if given else None
         if args.question:
             questions = [(dict(question=args.question, steps=[], answer=None),
                           dict(question=encode(args.question + "\n"), steps=[], answer=[]))]
             for run in runs:
-                check_fits([questions[0][1]], "--question", run.curriculum, [run.stage], run.model.gpt.config.block_size,
-                           run.model.vocab, ks_of(run) or ())
+                check_fits([questions[0][1]], "--question", run.curriculum, [run.stage],
+                           run.model.gpt.config.block_size, run.model.vocab, ks_of(run) or ())
         else:
             records, tokens = read_questions(runs[0], args.file, "--file", ks_of(runs[0]))
             if args.index and not all(i.strip().isdigit() for i in args.index.split(",")):
-                raise CheckpointError(f"--index {args.index}: expected record numbers separated by commas, e.g. 0,5,9")
+                raise CheckpointError(f"--index {args.index}: expected record numbers, e.g. 0,5,9")
             picked = [int(i) for i in args.index.split(",")] if args.index else range(min(args.num, len(records)))
             for i in picked:
                 if not 0 <= i < len(records):

@@ -1,7 +1,7 @@
 """
 Train and evaluate Coconut and its baselines, in the style of nanoGPT's train.py.
 
-Flow of the repository: data -> model -> coconut -> train -> sample.
+Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
 
     python train.py --dataset prosqa --stage all          # the paper's recipe: GPT-2 124M, 50 epochs
     torchrun --standalone --nproc_per_node=4 train.py --dataset prosqa --stage all
@@ -26,19 +26,13 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import (check_run_folders, curriculum_of, load_model, load_run, read_checkpoint, read_questions,
-                        resume_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from checkpoint import (check_run_folders, curriculum_of, export_hf, load_model, load_run, read_checkpoint,
+                        read_questions, resume_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from coconut import METHODS, Coconut, Vocab, build_example, check_fits, collate
-from data import (LATENT, SPLITS, ArgumentParser, DataError, bounded, decode, given_flags, grade,
-                  gsm8k_help, load_split, prepare_splits, write_atomic, write_jsonl)
+from data import (LATENT, PAPER_RECIPE, SPLITS, ArgumentParser, DataError, bounded, decode, given_flags,
+                  grade, gsm8k_help, load_split, prepare_splits, write_atomic, write_jsonl)
 from model import GPT, HUB_MODELS, GPTConfig, WeightsUnavailable, fetch_from_hub
 
-# The paper's per-dataset recipe (Section 4.1 and the official configs); flags override it.
-DATASET_DEFAULTS = {
-    "prosqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
-    "prontoqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
-    "gsm8k": dict(c=2, max_latent_stage=3, epochs_per_stage=3, epochs=25, max_new_tokens=64),
-}
 # Presets replace the defaults of many flags at once; any flag given explicitly still wins.
 PRESETS = {
     # A tiny GPT from scratch on small generated ProsQA graphs (at most 7 nodes, answers 2-3 steps
@@ -59,8 +53,8 @@ PRESETS = {
 # compared by content) and how the machine runs it. Every other flag must match the run's.
 RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "eval_batch_size",
                  "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset"}
-EVAL_FLAGS = {"eval", "eval_file", "n_thoughts", "max_new_tokens", "eval_batch_size", "device",
-              "dtype", "threads"}
+EVAL_FLAGS = {"eval", "eval_file", "n_thoughts", "max_new_tokens", "eval_batch_size", "predictions", "device",
+              "dtype", "threads", "method", "dataset"}  # the last two for checkpoints trained elsewhere
 SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "max_nodes", "min_steps", "max_steps", "data_seed"}
 CURRICULUM_FLAGS = {"c", "max_latent_stage", "epochs_per_stage", "uniform_prob"}
@@ -75,7 +69,7 @@ def get_args(argv=None):
     p = ArgumentParser(description="Train Coconut (or a baseline) and evaluate it.")
     count, natural, share = bounded(int, 1), bounded(int, 0), bounded(float, 0.0, 1.0)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults, e.g. cpu")
-    p.add_argument("--dataset", default="prosqa", choices=sorted(DATASET_DEFAULTS))
+    p.add_argument("--dataset", default="prosqa", choices=sorted(PAPER_RECIPE))
     p.add_argument("--method", default="coconut", help=f"{', '.join(METHODS)}; or several, comma-separated")
     p.add_argument("--stage", default="all", help="all: the curriculum; N: stage N alone (README, Stages)")
     p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], scratch, a run, a checkpoint")
@@ -111,27 +105,36 @@ def get_args(argv=None):
     g.add_argument("--eval", metavar="RUN", help="evaluation only: a run folder or checkpoint")
     g.add_argument("--eval-file", help="with --eval: a data file (default: the run's test file)")
     g.add_argument("--n-thoughts", help="with --eval: thoughts per question, e.g. 0,1,2,3")
+    g.add_argument("--predictions", metavar="FILE", help="with --eval: each question's answer, as jsonl")
+    g.add_argument("--export", nargs=2, metavar=("RUN", "DIR"), help="RUN as a Hugging Face GPT-2 folder")
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", help="runs go to <out-dir>/<method> (default out/<name or dataset>)")
     g.add_argument("--name"), g.add_argument("--resume", action="store_true")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPUs")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
     g.add_argument("--threads", type=count), g.add_argument("--compile", action="store_true")
     g.add_argument("--jobs", type=count, default=1, help="methods trained at once, in a process each")
     preset = p.parse_known_args(argv)[0].preset
     if preset:
         p.set_defaults(**PRESETS[preset])
     args, given = p.parse_args(argv), given_flags(argv)
+    if args.export:
+        for flag in sorted(given - {"export"}):
+            p.error(f"--{flag.replace('_', '-')} does not apply to --export")
+        return args
     if args.eval:
         for flag in sorted(given - EVAL_FLAGS):
             p.error(f"--{flag.replace('_', '-')} does not apply to --eval (evaluation only)")
+        args.method, args.dataset = (getattr(args, f) if f in given else None for f in ("method", "dataset"))
+        if args.predictions and os.path.exists(args.predictions):
+            p.error(f"--predictions {args.predictions}: exists already; name a new file")
         if args.n_thoughts is not None:
             ks = args.n_thoughts.split(",")
             if not all(k.isdigit() for k in ks):
                 p.error(f"--n-thoughts {args.n_thoughts}: expected numbers separated by commas, e.g. 0,1,2")
             args.n_thoughts = [int(k) for k in ks]
         return args
-    for k, v in DATASET_DEFAULTS[args.dataset].items():
+    for k, v in PAPER_RECIPE[args.dataset].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", args.name or args.dataset)
@@ -142,7 +145,7 @@ def get_args(argv=None):
 
 def check_training_flags(p, args, given):
     """Refuse what cannot be meant, and every flag that would be silently ignored."""
-    for flag in sorted(given & {"eval_file", "n_thoughts"}):
+    for flag in sorted(given & {"eval_file", "n_thoughts", "predictions"}):
         p.error(f"--{flag.replace('_', '-')} goes with --eval")
     for m in args.methods:
         if m not in METHODS:
@@ -199,13 +202,14 @@ def setup_device(args):
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
     elif args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        mps = torch.backends.mps.is_available()
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     else:
         device = args.device
         try:
             torch.device(device)
         except RuntimeError:
-            raise TrainError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:1, mps)") from None
+            raise TrainError(f"--device {device}: not a device torch knows (cpu, cuda, mps)") from None
         if (device.startswith("cuda") and not torch.cuda.is_available()) or (
                 device == "mps" and not torch.backends.mps.is_available()):
             raise TrainError(f"--device {device}: not available on this machine")
@@ -263,7 +267,8 @@ def evaluate(model, tokens, records, curriculum, stage, device, ctx, batch_size,
         sums = sums.to(device)
         torch.distributed.all_reduce(sums)
     correct, n_tokens, n_passes, n = sums.tolist()
-    return dict(acc=correct / n, tokens=n_tokens / n, passes=n_passes / n, s_per_q=(time.time() - t0) * world / n), outputs
+    seconds = (time.time() - t0) * world
+    return dict(acc=correct / n, tokens=n_tokens / n, passes=n_passes / n, s_per_q=seconds / n), outputs
 
 
 @torch.no_grad()
@@ -298,7 +303,8 @@ def train_epoch(model, train_model, optimizer, examples, order, state, args, dev
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch_idx = order[step * per_rank:(step + 1) * per_rank]
-        micro = [batch_idx[i:i + args.micro_batch_size] for i in range(0, len(batch_idx), args.micro_batch_size)]
+        mb = args.micro_batch_size
+        micro = [batch_idx[i:i + mb] for i in range(0, len(batch_idx), mb)]
         step_loss = 0.0
         for m, idx in enumerate(micro):
             batch = collate([examples[i] for i in idx], device=device)
@@ -315,9 +321,10 @@ def train_epoch(model, train_model, optimizer, examples, order, state, args, dev
         # max_norm=inf measures without clipping (the factor is exactly 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.gpt.parameters(), args.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
-            raise TrainError(f"{desc}: the gradient became {grad_norm.item()} at step {step + 1}; stopped "
-                             f"before updating the weights, and the last checkpoint is untouched. Try a lower "
-                             f"--learning-rate, or --dtype float32 if bf16 was on (--resume may change --dtype)")
+            raise TrainError(f"{desc}: the gradient became {grad_norm.item()} at step {step + 1}; "
+                             f"stopped before updating the weights, and the last checkpoint is "
+                             f"untouched. Try a lower --learning-rate, or --dtype float32 if bf16 was "
+                             f"on (--resume may change --dtype)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["opt_steps"] += 1
@@ -371,9 +378,10 @@ def train_method(args, method, data, device, ctx):
         text = json.dumps(run_args(args, method), indent=1)
         write_atomic(os.path.join(run_dir, "args.json"), lambda f: f.write(text.encode()))
     if master:
-        print(f"{method}: {gpt.get_num_params() / 1e6:.2f}M parameters, {len(data['train']['tokens'])} training "
-              f"examples, {len(schedule)} epochs, batch {args.batch_size} = {args.micro_batch_size} x "
-              f"{args.batch_size // world // args.micro_batch_size} x {world}, on {device}")
+        steps = args.batch_size // world // args.micro_batch_size
+        print(f"{method}: {gpt.get_num_params() / 1e6:.2f}M parameters, {len(data['train']['tokens'])} "
+              f"training examples, {len(schedule)} epochs, batch {args.batch_size} = "
+              f"{args.micro_batch_size} x {steps} x {world}, on {device}")
     for epoch in range(state["epoch"], len(schedule)):
         if schedule[epoch] != state["stage"] or args.reset_optimizer == "epoch":
             if state["stage"] is not None:  # a fresh AdamW: the paper resets it at each stage
@@ -400,8 +408,9 @@ def train_and_validate(args, method, model, train_model, optimizer, curriculum, 
     examples = [build_example(t, curriculum, stage, rng=example_rng) for t in data["train"]["tokens"]]
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
     order = order[:len(order) // world * world][rank::world].tolist()  # as many steps on every rank
-    loss, n_tokens, seconds, lr = train_epoch(model, train_model, optimizer, examples, order, state, args, device,
-                                              ctx, f"{method} epoch {epoch + 1}/{n_epochs} stage {stage}")
+    desc = f"{method} epoch {epoch + 1}/{n_epochs} stage {stage}"
+    loss, n_tokens, seconds, lr = train_epoch(model, train_model, optimizer, examples, order, state, args,
+                                              device, ctx, desc)
     valid = data["valid"]
     val_loss = validation_loss(model, [build_example(t, curriculum, stage) for t in valid["tokens"]],
                                args.micro_batch_size, device, ctx)
@@ -433,12 +442,13 @@ def save_epoch(args, method, gpt, vocab, optimizer, data, state, improved):
 def test_best(args, method, model, curriculum, data, device, ctx):
     """The test split, once, with the best checkpoint of the last stage."""
     run_dir = os.path.join(args.out_dir, method)
-    best, ckpt = read_checkpoint(os.path.join(run_dir, "best.pt")), read_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    best = read_checkpoint(os.path.join(run_dir, "best.pt"))
+    ckpt = read_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     model.gpt.load_state_dict(best["model"])
     test, _ = evaluate(model, data["test"]["tokens"], data["test"]["records"], curriculum, best["stage"],
                        device, ctx, args.eval_batch_size, args.max_new_tokens)
-    test = dict(test=True, method=method, stage=best["stage"], best_epoch=best["epoch"], val_acc=best["best_acc"],
-                train_minutes=round(sum(h["seconds"] for h in ckpt["history"]) / 60, 2),
+    test = dict(test=True, method=method, stage=best["stage"], best_epoch=best["epoch"],
+                val_acc=best["best_acc"], train_minutes=round(sum(h["seconds"] for h in ckpt["history"]) / 60, 2),
                 **{f"test_{k}": round(v, 5) for k, v in test.items()})
     if master:
         print(json.dumps(test))
@@ -451,16 +461,24 @@ def test_best(args, method, model, curriculum, data, device, ctx):
 # Evaluation only, methods side by side, and the main program
 
 def eval_only(args, device, ctx):
-    """Accuracy, generated tokens, forward passes and time per question of a run on a file."""
-    run = load_run(args.eval, device)
+    """Accuracy, generated tokens, forward passes and time per question of a run on a file, and
+    with --predictions what each question got."""
+    run = load_run(args.eval, device, args.method, args.dataset)
     records, tokens = read_questions(run, args.eval_file, "--eval-file", args.n_thoughts)
     print(f"{run.path}: {run.curriculum.method}, stage {run.stage}, epoch {run.epoch}; "
           f"{args.eval_file or run.args.test_file}: {len(records)} questions")
+    predictions = []
     for k in args.n_thoughts or [None]:
-        r, _ = evaluate(run.model, tokens, records, run.curriculum, run.stage, device, ctx, args.eval_batch_size,
-                        args.max_new_tokens or run.args.max_new_tokens, n_thoughts=k)
+        r, outputs = evaluate(run.model, tokens, records, run.curriculum, run.stage, device, ctx,
+                              args.eval_batch_size, args.max_new_tokens or run.args.max_new_tokens, n_thoughts=k)
         print(f"{'' if k is None else f'k={k}  '}accuracy {100 * r['acc']:.1f}%  tokens {r['tokens']:.1f}  "
               f"forward passes {r['passes']:.1f}  {r['s_per_q'] * 1000:.1f} ms/question")
+        predictions += [dict(index=i, **({} if k is None else dict(k=k)), question=records[i]["question"],
+                             output=outputs[i]["output"], answer=records[i]["answer"],
+                             correct=outputs[i]["correct"]) for i in sorted(outputs)]
+    if args.predictions:
+        write_jsonl(predictions, args.predictions)
+        print(f"wrote {len(predictions)} predictions to {args.predictions}")
 
 
 def train_job(job):
@@ -485,7 +503,8 @@ def train_in_parallel(args, data):
     for m in args.methods:
         print(f"{m}: training in the background, progress in {os.path.join(args.out_dir, m, 'train.log')}")
     results = {}
-    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:  # an error stops all
+    # each job in a fresh process; leaving the with-block on an error stops them all
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
         for r in pool.imap_unordered(train_job, [(args, m, data) for m in args.methods]):
             print(f"{r['method']}: done, test accuracy {100 * r['test_acc']:.1f}%")
             results[r["method"]] = r
@@ -498,6 +517,8 @@ def main(argv=None):
     args = get_args(argv)
     try:
         device, ctx = setup_device(args)
+        if args.export:
+            return export_hf(*args.export)
         if args.eval:
             return eval_only(args, device, ctx)
         check_run_folders(args.out_dir, args.methods, args.resume)  # before any long work

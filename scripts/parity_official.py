@@ -10,7 +10,8 @@ Not part of the test suite: it needs `transformers` and a checkout of the offici
 Both wrap one random GPT-2 checkpoint in the Hugging Face layout (the official Coconut around
 transformers' GPT2LMHeadModel, ours around model.GPT loaded from the same folder). On batches of
 generated ProsQA at several stages it prints both losses and the largest relative gradient
-difference, then compares greedy generations question by question.
+difference, then compares greedy generations question by question; last, it saves models as the
+official run.py does and checks that ours loads them with the same logits and answers.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import coconut  # noqa: E402
 import data  # noqa: E402
 from model import GPT  # noqa: E402
@@ -83,6 +85,36 @@ def main():
         reference = official.generate(torch.tensor([p]), None, max_new_tokens=20)[0, len(p):].tolist()
         same += reference == answer
     print(f"greedy generations equal on {same} of {len(prompts)} questions")
+    check_saved_checkpoints(load_official(args.official), prompts)
+
+
+def check_saved_checkpoints(official_coconut, prompts):
+    """Files saved as run.py saves them (torch.save of a state dict: the Coconut wrapper, or a plain
+    GPT2LMHeadModel for CoT) load into ours with the same logits and greedy answers. GPT-2's own
+    width, since such files carry no config and the head count must follow from the tensors."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = dict(n_layer=2, n_head=12, n_embd=768, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    folder = tempfile.mkdtemp()
+    for method, vocab_size in (("coconut", data.N_VOCAB), ("cot", 50257)):
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **config)).eval()
+        model = official_coconut(hf, data.LATENT, data.START_LATENT, data.END_LATENT, data.EOS) if method == "coconut" else hf
+        path = os.path.join(folder, f"{method}_checkpoint")
+        torch.save(model.state_dict(), path)
+        run = checkpoint.load_run(path, method=method, dataset="prosqa")
+        idx = torch.randint(0, 50257, (2, 24))
+        with torch.no_grad():
+            worst = (run.model.gpt(idx)[0][..., :vocab_size] - hf(idx).logits).abs().max().item()
+        same = 0
+        for p in prompts if method == "coconut" else [p[:p.index(data.START_LATENT)] for p in prompts]:
+            ours = run.model.generate(**coconut.collate([{"input_ids": p}], for_generation=True), max_new_tokens=10)[0]
+            if method == "coconut":
+                theirs = model.generate(torch.tensor([p]), None, max_new_tokens=10)[0, len(p):].tolist()
+            else:
+                theirs = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p):].tolist()
+            theirs = theirs[:theirs.index(data.EOS)] if data.EOS in theirs else theirs
+            same += ours == theirs
+        print(f"{method} checkpoint as run.py saves it: largest logit difference {worst:.1e}, greedy answers "
+              f"equal on {same} of {len(prompts)} prompts")
 
 
 if __name__ == "__main__":

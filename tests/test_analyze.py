@@ -19,7 +19,8 @@ from analyze import CATEGORIES, classify, heights, layer  # noqa: E402
 from bench import naive_thoughts  # noqa: E402
 from checkpoint import Run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example  # noqa: E402
-from data import children_of, encode, make_splits, save_records, tokenize_record  # noqa: E402
+from conftest import small_prosqa  # noqa: E402
+from data import children_of, encode, save_records, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sample import node_values  # noqa: E402
 
@@ -96,8 +97,9 @@ def test_node_values_equal_a_naive_recomputation():
             assert value == pytest.approx(expected, rel=1e-4, abs=1e-12), (k, node)
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
 
 
 TINY = ["--init", "scratch", "--vocab", "data", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
@@ -108,11 +110,8 @@ TINY = ["--init", "scratch", "--vocab", "data", "--n-layer", "1", "--n-head", "2
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny Coconut with stage mixing and a tiny CoT, on small ProsQA graphs."""
-    root = tmp_path_factory.mktemp("analyze")
-    data_dir = str(root / "data")
-    make_splits("prosqa", data_dir, seed=2, sizes=dict(train=32, valid=8, test=12), max_nodes=7, min_steps=2,
-                max_steps=3)
-    out = str(root / "out")
+    root, data_dir, out = small_prosqa(tmp_path_factory, "analyze", 2, dict(train=32, valid=8, test=12),
+                                       max_nodes=7, min_steps=2, max_steps=3)
     r = run_script("train.py", *TINY, "--data-dir", data_dir, "--out-dir", out, "--method", "coconut",
                    "--c", "1", "--max-latent-stage", "2", "--epochs-per-stage", "1", "--epochs", "3",
                    "--uniform-prob", "0.3")
@@ -140,6 +139,16 @@ def test_analyze_writes_tables_figures_and_data(runs, tmp_path):
     table = [line for line in r.stdout.splitlines() if line.startswith("| k=") or line.startswith("| cot")]
     assert [line.split(" |")[0] for line in table] == ["| k=0", "| k=1", "| k=2", "| cot"]
     assert "## A worked example" in r.stdout
+
+
+def test_sample_shows_the_newest_runs_side_by_side_with_node_values(runs):
+    """With no arguments, sample.py answers with every run of the newest output folder under out/
+    (after the CPU preset: Coconut, CoT, No-CoT), Coconut's thoughts read as values of graph nodes."""
+    r = run_script("sample.py", "--num", "2", cwd=runs["root"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("Q: ") == 2 and r.stdout.count("  coconut (") == 2 and r.stdout.count("  cot (") == 2
+    assert r.stdout.index("  coconut (") < r.stdout.index("  cot (")
+    assert r.stdout.count("thought 1: nodes ") == 2 and "| tokens " in r.stdout
 
 
 def test_analyze_refuses_bad_input(runs, tmp_path):

@@ -225,7 +225,6 @@ def test_prompts_and_thought_override():
 
 
 def test_uniform_prob_mixes_stages():
-    import random
     rng = random.Random(0)
     cur = Curriculum(c=1, max_latent_stage=3, uniform_prob=1.0)
     counts = {build_example(TOKENS, cur, 1, rng)["input_ids"].count(L) for _ in range(200)}

@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
-from data import make_splits, save_records, tokenize_record  # noqa: E402
+from conftest import small_prosqa  # noqa: E402
+from data import save_records  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # a 1-layer model on 6-node graphs, three epochs: stage 0 (CoT), 1 (one thought), 2 (all steps gone).
@@ -90,11 +91,8 @@ def load(path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny ProsQA data set and one finished three-epoch Coconut run on it."""
-    root = tmp_path_factory.mktemp("train")
-    data_dir = str(root / "data")
-    make_splits("prosqa", data_dir, seed=1, sizes=dict(train=24, valid=8, test=8), max_nodes=6, min_steps=1,
-                max_steps=2)
-    out = str(root / "out")
+    root, data_dir, out = small_prosqa(tmp_path_factory, "train", 1, dict(train=24, valid=8, test=8), max_nodes=6,
+                                       min_steps=1, max_steps=2)
     r = run("train.py", *TINY, "--data-dir", data_dir, "--out-dir", out, "--method", "coconut")
     assert r.returncode == 0, r.stderr[-3000:]
     return dict(root=root, data=data_dir, out=out, run=os.path.join(out, "coconut"), stdout=r.stdout)
@@ -209,21 +207,19 @@ def test_the_other_methods_end_to_end(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     """A No-CoT model trained until it knows the answers of its 8 questions (train = valid = test)."""
-    root = tmp_path_factory.mktemp("learned")
-    make_splits("prosqa", str(root / "splits"), seed=3, sizes=dict(train=8, valid=1, test=1), max_nodes=5,
-                min_steps=1, max_steps=1)
-    with open(root / "splits" / "train.json") as f:
+    root, splits, out = small_prosqa(tmp_path_factory, "learned", 3, dict(train=8, valid=1, test=1), max_nodes=5,
+                                     min_steps=1, max_steps=1)
+    with open(os.path.join(splits, "train.json")) as f:
         records = json.load(f)
     save_records(records * 16, str(root / "train.json"))
     files = ["--train-file", str(root / "train.json")] + [
-        x for s in ("valid", "test") for x in (f"--{s}-file", str(root / "splits" / "train.json"))]
-    out = str(root / "out")
+        x for s in ("valid", "test") for x in (f"--{s}-file", os.path.join(splits, "train.json"))]
     r = run("train.py", "--init", "scratch", "--vocab", "data", "--n-layer", "1", "--n-head", "2", "--n-embd",
             "32", "--block-size", "96", "--dropout", "0", "--batch-size", "16", "--micro-batch-size", "16",
             "--learning-rate", "1e-2", "--epochs", "6", "--max-new-tokens", "12", "--method", "no-cot",
             *files, "--out-dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
-    return dict(run=os.path.join(out, "no-cot"), records=records, file=str(root / "splits" / "train.json"))
+    return dict(run=os.path.join(out, "no-cot"), records=records, file=os.path.join(splits, "train.json"))
 
 
 def test_a_model_that_knows_its_answers_scores_100_percent(learned):
