@@ -7,11 +7,15 @@ Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sampl
     python analyze.py out/cpu-small/coconut        # after python train.py --preset cpu
     python analyze.py RUN --file data/prosqa/test.json --out results/
 
+The results go to RUN's folder, in analysis-<name of the analysed file>/.
+
 1. k-sweep (Figure 5). The same model gets k = 0, 1, ... thoughts, then writes the rest of the chain
-   in language. Each output is classified: Correct Path (a shortest path to the answer), Longer
-   Path (a valid, longer one), Hallucination (an edge that is not in the graph, or a broken
-   chain), Wrong Target (a valid path to another node), or, when only an answer is written,
-   Correct Label / Incorrect Label. The CoT and No-CoT runs beside RUN are scored as references.
+   in language. Each output is classified by the path it writes (the answer line aside): Correct
+   Path (a shortest path to the answer), Longer Path (a valid, longer one), Hallucination (a line
+   that is not a fact about the graph's nodes, an edge the graph does not have, a broken chain, or
+   a path no k hidden steps lead to), Wrong Target (a valid path to another node); or, when only
+   an answer is written, Correct Label / Incorrect Label. The CoT and No-CoT runs beside RUN are
+   scored as references.
 2. Node values (Figures 7, 9). After thought k the model is made to start the next step in
    language, "Every": the value of a node is the probability of its name there (the product over
    its tokens). Frontier nodes are split into those that can still reach the target and those
@@ -31,13 +35,13 @@ Where the paper is silent, we decided (the README says why):
 
 import os
 import re
-import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
 
-from checkpoint import CheckpointError, load_run, read_questions
-from data import ArgumentParser, DataError, bfs, bounded, check_graph, children_of, grade, write_jsonl
+from checkpoint import CheckpointError, load_run, read_questions, runs_in
+from data import (ArgumentParser, DataError, bfs, bounded, check_graph, children_of, counts, errors_in_one_line,
+                  grade, write_jsonl)
 from sample import node_values
 from train import evaluate
 
@@ -49,8 +53,9 @@ STEP = re.compile(r"(?:Every )?(\w+) is a (\w+)\.")
 # -----------------------------------------------------------------------------
 # Graphs and the six outcome categories
 
-def layer(children, root, k):
-    """The nodes at the end of the paths of exactly k edges from the root."""
+def reached_in(children, root, k):
+    """The nodes at the end of the paths of exactly k edges from the root (a node may be reached
+    by paths of several lengths: this is not the BFS layer, which keeps only the shortest)."""
     nodes = {root}
     for _ in range(k):
         nodes = {v for u in nodes for v in children[u]}
@@ -75,7 +80,7 @@ def heights(children):
 def classify(record, output, k):
     """The paper's category of a generated text, given k thoughts before it (hidden steps)."""
     lines = [line.strip() for line in output.split("\n") if line.strip()]
-    steps = [line for line in lines[:next((i for i, x in enumerate(lines) if x.startswith("#")), len(lines))]]
+    steps = lines[:next((i for i, x in enumerate(lines) if x.startswith("#")), len(lines))]
     if not steps:  # only an answer: judged by the answer alone
         return "Correct Label" if grade(output, record["answer"]) else "Incorrect Label"
     index = {name: i for i, name in enumerate(record["idx_to_symbol"])}
@@ -89,7 +94,7 @@ def classify(record, output, k):
     children = children_of(record)
     if any(e not in edges for e in path) or any(a[1] != b[0] for a, b in zip(path, path[1:])):
         return "Hallucination"  # an edge the graph does not have, or a broken chain
-    if path[0][0] not in layer(children, record["root"], k):
+    if path[0][0] not in reached_in(children, record["root"], k):
         return "Hallucination"  # no k hidden steps lead to where the written path starts
     if path[-1][1] != record["target"]:
         return "Wrong Target"
@@ -145,7 +150,8 @@ def value_tables(records, tokens, run, args):
     rows, tops = [], {}
     for k in (1, 2):
         questions = [q for q, r in enumerate(records) if bfs(children_of(r), r["root"])[0][r["target"]] > k]
-        values = node_values(run, [(tokens[q], records[q]) for q in questions], k, args.batch_size)
+        # thought k stands for k hidden steps: k * c thoughts (c = 1 for ProsQA)
+        values = node_values(run, [(tokens[q], records[q]) for q in questions], k * run.curriculum.c, args.batch_size)
         k_rows, tops[k] = frontier_rows(records, dict(zip(questions, values)), k)
         rows += k_rows
     return rows, tops
@@ -181,7 +187,7 @@ def mean_top(per_question, n):
     return sum(sum(v[:n]) for v in per_question) / max(1, len(per_question))
 
 
-def worked_example(q, records, ks, sweep_rows, value_rows):
+def worked_example(q, records, sweep_rows, value_rows):
     r = records[q]
     names = r["idx_to_symbol"]
     print(f"\n## A worked example: question {q} (paper Figures 6 and 7)\n")
@@ -261,22 +267,22 @@ def mean(values):
 # The command
 
 def references_of(run_path, given, device):
-    """The CoT and No-CoT runs to compare with: the given folders, else those beside the run."""
-    if given:
-        paths = given.split(",")
-    else:
-        parent = os.path.dirname(os.path.dirname(os.path.abspath(run_path)))
-        paths = [os.path.join(parent, m) for m in ("cot", "no-cot")
-                 if os.path.exists(os.path.join(parent, m, "best.pt"))]
-    return [(load_run(p, device).curriculum.method, load_run(p, device)) for p in paths]
+    """The CoT and No-CoT runs to compare with: the given folders, else those beside the run;
+    [(label, run)], labelled by method (or by folder, should two share one)."""
+    paths = given.split(",") if given else [
+        r for r in runs_in(os.path.dirname(os.path.dirname(os.path.abspath(run_path))))
+        if os.path.basename(r) in ("cot", "no-cot")]
+    references = [load_run(p, device, dataset="prosqa") for p in paths]
+    methods = [r.curriculum.method for r in references]
+    return [(m if methods.count(m) == 1 else p, r) for m, p, r in zip(methods, paths, references)]
 
 
 def main(argv=None):
     p = ArgumentParser(description="The paper's analyses of what continuous thoughts hold, on ProsQA.")
     p.add_argument("run", help="a Coconut run folder or checkpoint trained on ProsQA")
     p.add_argument("--file", help="an official-format ProsQA file (default: the run's test file)")
-    p.add_argument("--out", help="where figures and jsonl files go (default: the run folder)")
-    p.add_argument("--n-thoughts", help="the k of the sweep, e.g. 0,1,2 (default: 0 to the model's most)")
+    p.add_argument("--out", help="where figures and jsonl files go (default: RUN/analysis-<file name>)")
+    p.add_argument("--n-thoughts", type=counts, help="the k of the sweep, e.g. 0,1,2 (default: 0 to the most)")
     p.add_argument("--references", help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
                    "and no-cot runs beside RUN)")
     p.add_argument("--example", type=bounded(int, 0), help="the question of the worked example")
@@ -285,37 +291,34 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--method", help="for a checkpoint trained elsewhere (the official code): its method")
     args = p.parse_args(argv)
-    try:
+    with errors_in_one_line():
         run = load_run(args.run, args.device, args.method, dataset="prosqa")  # the graphs are ProsQA's
         if not (run.curriculum.markers and run.curriculum.feedback):
             raise CheckpointError(f"{run.path}: a {run.curriculum.method} model has no continuous thoughts "
                                   f"to analyse: pass a Coconut run (its CoT and No-CoT runs are the references)")
-        most = run.curriculum.max_latent_stage * run.curriculum.c
-        ks = list(range(most + 1)) if args.n_thoughts is None else thought_counts(args.n_thoughts)
+        ks = args.n_thoughts or list(range(run.curriculum.max_latent_stage * run.curriculum.c + 1))
         records, tokens = read_questions(run, args.file, "--file", ks, check=check_graph)
         path = args.file or run.args.test_file
         references = references_of(run.path, args.references, args.device)
-        for name, ref in references:
+        for _, ref in references:
             read_questions(ref, path, "--file")  # the same questions must fit each reference model
         if args.example is not None and args.example >= len(records):
             raise DataError(f"--example {args.example}: {path} has questions 0 to {len(records) - 1}")
-        out = args.out or os.path.dirname(run.path)
+        # each analysed file gets a folder of its own: analysing another never overwrites this one
+        name = "analysis-" + os.path.splitext(os.path.basename(path))[0]
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(run.path)), name)
         os.makedirs(out, exist_ok=True)
-    except (ValueError, OSError) as e:  # DataError and CheckpointError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     args.max_new_tokens = args.max_new_tokens or run.args.max_new_tokens
     t0 = time.time()
     table, sweep_rows = ksweep(run, records, tokens, ks, references, args)
     value_rows, tops = value_tables(records, tokens, run, args)
-    seconds = time.time() - t0
     print(f"{run.path}: {run.curriculum.method}, stage {run.stage}; {path}: {len(records)} questions; "
-          f"analysed in {seconds:.0f} s")
+          f"analysed in {time.time() - t0:.0f} s")
     print_ksweep(table, len(records))
     print_values(value_rows, tops)
     example = args.example if args.example is not None else max(
         tops[1], key=lambda q: (len(tops[1][q]), q in tops[2], -q), default=0)
-    worked_example(example, records, ks, sweep_rows, value_rows)
+    worked_example(example, records, sweep_rows, value_rows)
     write_jsonl(sweep_rows, os.path.join(out, "ksweep.jsonl"))
     by_question = {}
     for r in value_rows:
@@ -330,15 +333,9 @@ def main(argv=None):
 def print_ksweep(table, n):
     print(f"\n## k-sweep: outcomes of {n} questions (paper Figure 5)\n")
     print("| | " + " | ".join(CATEGORIES) + " | accuracy |\n|" + "---|" * (len(CATEGORIES) + 2))
-    for label, counts in table.items():
-        cells = " | ".join(str(counts[c]) for c in CATEGORIES)
-        print(f"| {label} | {cells} | {100 * counts['accuracy']:.1f}% |")
-
-
-def thought_counts(text):
-    if not all(k.isdigit() for k in text.split(",")):
-        raise DataError(f"--n-thoughts {text}: expected numbers separated by commas, e.g. 0,1,2")
-    return [int(k) for k in text.split(",")]
+    for label, outcomes in table.items():
+        cells = " | ".join(str(outcomes[c]) for c in CATEGORIES)
+        print(f"| {label} | {cells} | {100 * outcomes['accuracy']:.1f}% |")
 
 
 if __name__ == "__main__":

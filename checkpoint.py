@@ -25,7 +25,7 @@ import torch
 from coconut import Coconut, Curriculum, Vocab, check_fits
 from data import (EOS, N_VOCAB, PAPER_RECIPE, SPECIAL_TOKENS, bpe_dir, encode, read_records, tokenize_record,
                   write_atomic)
-from model import GPT, HUB_MODELS, GPTConfig, WeightsUnavailable, read_gpt2_weights
+from model import GPT, HUB_MODELS, WEIGHT_FILES, GPTConfig, WeightsUnavailable, read_gpt2_weights
 
 
 class CheckpointError(ValueError):
@@ -51,18 +51,35 @@ def set_rng_state(s):
 
 
 def check_run_folders(out_dir, methods, resume):
-    """Before any work: never overwrite a run (without --resume), never resume nothing."""
+    """Before any work: never overwrite a run without --resume, and resume only what can be. A run
+    killed in its first epoch (no ckpt.pt, no log.jsonl yet) starts again; a folder that lost its
+    ckpt.pt but has a log is refused rather than overwritten."""
     runs = [os.path.join(out_dir, m) for m in methods]
     for run_dir in runs:
         kept = [f for f in ("ckpt.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(run_dir, f))]
         if kept and not resume:
             raise CheckpointError(f"{run_dir} already holds a run: pass --resume to continue it, or "
                                   f"choose another --out-dir")
-        if kept and "ckpt.pt" not in kept:
+        if "log.jsonl" in kept and "ckpt.pt" not in kept:
             raise CheckpointError(f"{run_dir} holds {' and '.join(kept)} but no ckpt.pt to resume from: "
                                   f"move it away, or choose another --out-dir")
-    if resume and not any(os.path.exists(os.path.join(d, "ckpt.pt")) for d in runs):
+    started = ("ckpt.pt", "args.json")  # args.json is written when a run starts
+    if resume and not any(os.path.exists(os.path.join(d, f)) for d in runs for f in started):
         raise CheckpointError(f"--resume: no run to resume in {out_dir} (no <method>/ckpt.pt there)")
+
+
+def pick_device(name):
+    """--device as torch names it: auto is cuda, then mps, then cpu; others must exist here."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CheckpointError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps)") from None
+    if (device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count())
+            or device.type == "mps" and not torch.backends.mps.is_available()):
+        raise CheckpointError(f"--device {name}: not available on this machine")
+    return name
 
 
 def read_checkpoint(path):
@@ -83,15 +100,20 @@ def read_checkpoint(path):
     return ckpt
 
 
+def runs_in(folder):
+    """The run folders (those with a best.pt) directly inside folder, by name."""
+    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if os.path.exists(os.path.join(folder, d, "best.pt")))
+
+
 def best_checkpoint(folder):
     """A run folder's best.pt; an output folder of several runs is pointed at its runs."""
     if os.path.exists(os.path.join(folder, "best.pt")):
         return os.path.join(folder, "best.pt")
-    runs = sorted(d for d in os.listdir(folder) if os.path.exists(os.path.join(folder, d, "best.pt")))
+    runs = runs_in(folder)
     if runs:
-        raise CheckpointError(f"{folder} holds the runs {', '.join(runs)}: pass one of them, e.g. "
-                              f"{os.path.join(folder, runs[0])}")
-    raise CheckpointError(f"{folder}: no best.pt here, nor a Hugging Face config.json (not a run folder?)")
+        raise CheckpointError(f"{folder} holds the runs {', '.join(map(os.path.basename, runs))}: pass one of "
+                              f"them, e.g. {runs[0]}")
+    raise CheckpointError(f"{folder}: no best.pt here, nor Hugging Face weights (not a run folder?)")
 
 
 def resume_checkpoint(run_dir, run_args, data, may_differ):
@@ -116,13 +138,14 @@ def load_model(path, dropout=0.0):
     come with dict(official=..., vocab_size=...): whether the file is the official code's Coconut
     (keys "base_causallm.*"), and the vocabulary it had before Coconut's three tokens were added
     (as copies of "<<", as in the official code) where they were missing."""
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in WEIGHT_FILES):
         path = best_checkpoint(path)
     try:
         if path in HUB_MODELS or os.path.isdir(path) or path.endswith(".safetensors"):
             raw, config_path = read_gpt2_weights(path)
         else:
-            raw, config_path = read_checkpoint(path), None
+            raw, config_path = read_checkpoint(path), os.path.join(os.path.dirname(path), "config.json")
+            config_path = config_path if os.path.exists(config_path) else None
             if "model_args" in raw:  # ours
                 gpt = GPT(GPTConfig(**dict(raw["model_args"], dropout=dropout)))
                 gpt.load_state_dict(raw["model"])
@@ -163,25 +186,27 @@ def load_run(path, device="cpu", method=None, dataset=None):
     best.pt), which knows its method and dataset; or GPT-2 weights trained elsewhere (the official
     code's state dicts), for which method and dataset must be given. Those answer at the last
     stage of the paper's curriculum for the dataset, as the official evaluation does."""
+    device = pick_device(device)
     gpt, vocab, ckpt = load_model(path)
     if "model_args" in ckpt:  # a run says what it is; a method or dataset given must agree
-        args, stage, epoch = argparse.Namespace(**ckpt["args"]), ckpt["stage"], ckpt["epoch"]
+        args, epoch = argparse.Namespace(**ckpt["args"]), ckpt["epoch"]
         for asked, trained in ((method, args.method), (dataset, args.dataset)):
             if asked not in (None, trained):
                 raise CheckpointError(f"{path} was trained by train.py as {args.method} on {args.dataset}, "
                                       f"not {asked}")
         path = path if os.path.isfile(path) else best_checkpoint(path)
     else:
-        if method is None or dataset is None:
-            missing = "--method" + (" and --dataset" if dataset is None else "")
+        missing = " and ".join(flag for flag, given in (("--method", method), ("--dataset", dataset)) if not given)
+        if missing:
             raise CheckpointError(f"{path}: a GPT-2 state dict does not say what it was trained for: pass "
-                                  f"{missing} (e.g. --method coconut)")
-        args = argparse.Namespace(method=method, dataset=dataset, test_file=None, uniform_prob=0.0,
-                                  **PAPER_RECIPE[dataset])
-        check_method(path, ckpt, curriculum_of(args, method))
-        stage, epoch = curriculum_of(args, method).stages[-1], None
+                                  f"{missing} (e.g. --method coconut --dataset prosqa)")
+        args, epoch = argparse.Namespace(method=method, dataset=dataset, test_file=None, uniform_prob=0.0,
+                                         **PAPER_RECIPE[dataset]), None
     curriculum = curriculum_of(args, args.method)
-    model = Coconut(gpt.to(device), vocab, feedback=curriculum.feedback)
+    if "model_args" not in ckpt:
+        check_method(path, ckpt, curriculum)
+    stage = ckpt["stage"] if "model_args" in ckpt else curriculum.stages[-1]
+    model = Coconut(gpt.to(device), vocab, feedback=curriculum.feedback).eval()
     return Run(model, curriculum, stage, args, path, epoch)
 
 

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import sys
+from contextlib import contextmanager
 from collections import Counter, deque
 
 import tiktoken
@@ -508,11 +509,12 @@ SPLITS = ("train", "valid", "test")
 def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=False, **knobs):
     """Write out_dir/{train,valid,test}.json (the paper's sizes by default) and return their paths.
     One stream of records with distinct questions is cut into test, valid, then train, so no
-    question is in two splits, and the test split does not depend on the train size."""
+    question is in two splits, and the test split does not depend on the train size. The settings
+    go to out_dir/generator.json, so that the folder is never mistaken for another (prepare_splits)."""
     if dataset not in PAPER_SIZES:
         raise ValueError(f"unknown dataset {dataset!r}: expected one of {sorted(PAPER_SIZES)}")
-    sizes = {**PAPER_SIZES[dataset], **(sizes or {})}
-    for split, n in sizes.items():
+    settings = generator_settings(dataset, seed, sizes, **knobs)
+    for split, n in settings["sizes"].items():
         if n < 1:
             raise ValueError(f"--n-{split} must be at least 1, not {n}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -521,42 +523,58 @@ def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=
     for path in paths.values():  # refuse before spending a minute generating
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
-    n = sum(sizes.values())
+    n = sum(settings["sizes"].values())
     if dataset == "prosqa":
-        records = generate_prosqa(n, seed, progress=progress, **knobs)
+        records = generate_prosqa(n, seed, progress=progress, **{**GENERATOR_DEFAULTS[dataset], **knobs})
     else:
         records = generate_prontoqa(n, seed, progress=progress, **knobs)
     start = 0
     for split in ("test", "valid", "train"):
-        save_records(records[start:start + sizes[split]], paths[split], overwrite=overwrite)
-        start += sizes[split]
+        save_records(records[start:start + settings["sizes"][split]], paths[split], overwrite=overwrite)
+        start += settings["sizes"][split]
+    text = json.dumps(settings, indent=1)
+    write_atomic(os.path.join(out_dir, "generator.json"), lambda f: f.write(text.encode()))
     return paths
 
 
-def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, **knobs):
+GENERATOR_DEFAULTS = {"prosqa": dict(max_nodes=28, min_steps=3, max_steps=6), "prontoqa": {}}
+
+
+def generator_settings(dataset, seed, sizes=None, **knobs):
+    """What a generated folder holds, defaults filled in: its generator.json."""
+    knobs = {**GENERATOR_DEFAULTS[dataset], **{k: v for k, v in knobs.items() if v is not None}}
+    return dict(dataset=dataset, seed=seed, sizes={**PAPER_SIZES[dataset], **(sizes or {})}, **knobs)
+
+
+def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, asked=None, **knobs):
     """The paths of data_dir's three splits, generated on first use (ProsQA at the paper's size
-    takes about 10 s). The folder keeps its generator settings in generator.json: asking it for
-    other settings is refused, rather than silently training on other data."""
-    knobs = {k: knobs.get(k) for k in ("max_nodes", "min_steps", "max_steps")}
-    settings = dict(dataset=dataset, seed=seed, sizes={**PAPER_SIZES[dataset], **(sizes or {})}, **knobs)
+    takes about 10 s). A folder that exists is used as it is, unless its generator.json says it
+    was made with other settings than those asked for (asked: the flags a user gave, as
+    {"n_train", "max_nodes", "data_seed", ...}; default all): then it is refused, rather than
+    silently training on other data."""
     paths = {s: os.path.join(data_dir, f"{s}.json") for s in SPLITS}
-    settings_path = os.path.join(data_dir, "generator.json")
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if len(missing) == len(paths):
         print(f"generating {dataset} into {data_dir} (once; later runs reuse it)")
-        make_splits(dataset, data_dir, seed, settings["sizes"], progress=progress,
-                    **{k: v for k, v in knobs.items() if v is not None})
-        text = json.dumps(settings, indent=1)
-        write_atomic(settings_path, lambda f: f.write(text.encode()))
-    elif missing:
+        return make_splits(dataset, data_dir, seed, sizes, progress=progress, **knobs)
+    if missing:
         raise DataError(f"{missing[0]}: no such file (only a complete set of splits is generated, into "
                         f"an empty folder)")
-    elif os.path.exists(settings_path):
+    settings_path = os.path.join(data_dir, "generator.json")
+    if os.path.exists(settings_path):
         made = json.loads(read_text(settings_path))
-        if made != settings:
-            diff = ", ".join(f"{k} {made.get(k)} (now {v})" for k, v in settings.items() if made.get(k) != v)
-            raise DataError(f"{data_dir} was generated with other settings: {diff}; pass another "
-                            f"--data-dir, or delete that folder to generate it anew")
+        made = generator_settings(made["dataset"], made["seed"], made["sizes"],
+                                  **{k: v for k, v in made.items() if k not in ("dataset", "seed", "sizes")})
+        now = generator_settings(dataset, seed, sizes, **knobs)
+        value = lambda s, flag: (s["seed"] if flag == "data_seed" else s["sizes"][flag[2:]]  # noqa: E731
+                                 if flag.startswith("n_") else s.get(flag))
+        flags = ["data_seed", *(f"n_{s}" for s in SPLITS), *GENERATOR_DEFAULTS["prosqa"]]
+        diff = [f"--{f.replace('_', '-')} {value(made, f)} (now {value(now, f)})" for f in flags
+                if (asked is None or f in asked) and value(made, f) != value(now, f)]
+        if made["dataset"] != dataset or diff:
+            raise DataError(f"{data_dir} holds {made['dataset']} generated with other settings: "
+                            f"{', '.join(diff) or 'another dataset'}; pass another --data-dir, or delete that "
+                            f"folder to generate it anew")
     return paths
 
 
@@ -600,6 +618,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         sys.exit(f"error: {message}")
+
+
+@contextmanager
+def errors_in_one_line():
+    """Bad input ends a command with one line on stderr and exit status 1, not a traceback. Every
+    refusal in this repository is a ValueError (DataError, CheckpointError, TrainError) or an
+    OSError (a file that cannot be read or written, weights that cannot be downloaded)."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def counts(text):
+    """An argparse type: numbers of at least 0 separated by commas, e.g. 0,1,2."""
+    if not all(k.isdigit() for k in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 0,1,2, not {text}")
+    return [int(k) for k in text.split(",")]
 
 
 def bounded(kind, low, high=None):
@@ -648,7 +685,7 @@ def main(argv=None):
     for flag in sorted(given - uses[task]):
         parser.error(f"--{'from' if flag == 'source' else flag.replace('_', '-')} does not apply to "
                      f"{'--stats' if task == 'stats' else '--dataset ' + task}")
-    try:
+    with errors_in_one_line():
         if args.stats:
             print_stats(args.stats)
         elif args.dataset == "gsm8k":
@@ -668,9 +705,6 @@ def main(argv=None):
             for split, path in make_splits(args.dataset, args.out, args.seed, sizes, args.overwrite,
                                            progress=True, **knobs).items():
                 print(f"wrote {path}")
-    except (ValueError, OSError) as e:  # DataError is a ValueError; FileExistsError an OSError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

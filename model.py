@@ -310,7 +310,7 @@ HUB_MODELS = {  # the four OpenAI GPT-2 sizes, under the Hub's openai-community 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(OSError):
     """OpenAI's weights could not be had (offline with an empty cache, or no such model)."""
 
 

@@ -26,12 +26,14 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import (check_run_folders, curriculum_of, export_hf, load_model, load_run, read_checkpoint,
-                        read_questions, resume_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from checkpoint import (check_run_folders, curriculum_of, export_hf, load_model, load_run, pick_device,
+                        read_checkpoint, read_questions, resume_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state)
 from coconut import METHODS, Coconut, Vocab, build_example, check_fits, collate
-from data import (LATENT, PAPER_RECIPE, SPLITS, ArgumentParser, DataError, bounded, decode, given_flags,
-                  grade, gsm8k_help, load_split, prepare_splits, write_atomic, write_jsonl)
-from model import GPT, HUB_MODELS, GPTConfig, WeightsUnavailable, fetch_from_hub
+from data import (LATENT, PAPER_RECIPE, SPLITS, ArgumentParser, DataError, bounded, counts, decode,
+                  errors_in_one_line, given_flags, grade, gsm8k_help, load_split, prepare_splits, write_atomic,
+                  write_jsonl)
+from model import GPT, HUB_MODELS, GPTConfig, fetch_from_hub
 
 # Presets replace the defaults of many flags at once; any flag given explicitly still wins.
 PRESETS = {
@@ -52,15 +54,21 @@ PRESETS = {
 # Flags a resumed run may change: where things are (a run or its data may move; the data is
 # compared by content) and how the machine runs it. Every other flag must match the run's.
 RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "eval_batch_size",
-                 "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset"}
+                 "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset", "given"}
 EVAL_FLAGS = {"eval", "eval_file", "n_thoughts", "max_new_tokens", "eval_batch_size", "predictions", "device",
               "dtype", "threads", "method", "dataset"}  # the last two for checkpoints trained elsewhere
 SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
-GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "max_nodes", "min_steps", "max_steps", "data_seed"}
-CURRICULUM_FLAGS = {"c", "max_latent_stage", "epochs_per_stage", "uniform_prob"}
+GRAPH_FLAGS = ("max_nodes", "min_steps", "max_steps")  # ProsQA's generator only
+GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "data_seed", *GRAPH_FLAGS}
+# the methods whose examples each curriculum flag changes (with --stage all; --stage N uses
+# --epochs-per-stage for every method): no other layout depends on it
+CURRICULUM_FLAGS = {"c": ("coconut", "pause", "no-curriculum"),
+                    "max_latent_stage": ("coconut", "pause", "no-thoughts", "no-curriculum"),
+                    "epochs_per_stage": ("coconut", "pause", "no-thoughts"),
+                    "uniform_prob": ("coconut", "pause", "no-thoughts")}
 
 
-class TrainError(Exception):
+class TrainError(ValueError):
     """A problem with the user's input: printed as one line, exit status 1."""
 
 
@@ -104,7 +112,7 @@ def get_args(argv=None):
     g.add_argument("--eval-batch-size", type=count, default=32)
     g.add_argument("--eval", metavar="RUN", help="evaluation only: a run folder or checkpoint")
     g.add_argument("--eval-file", help="with --eval: a data file (default: the run's test file)")
-    g.add_argument("--n-thoughts", help="with --eval: thoughts per question, e.g. 0,1,2,3")
+    g.add_argument("--n-thoughts", type=counts, help="with --eval: thoughts per question, e.g. 0,1,2,3")
     g.add_argument("--predictions", metavar="FILE", help="with --eval: each question's answer, as jsonl")
     g.add_argument("--export", nargs=2, metavar=("RUN", "DIR"), help="RUN as a Hugging Face GPT-2 folder")
     g = p.add_argument_group("system")
@@ -118,6 +126,7 @@ def get_args(argv=None):
     if preset:
         p.set_defaults(**PRESETS[preset])
     args, given = p.parse_args(argv), given_flags(argv)
+    args.given = sorted(given | set(PRESETS.get(args.preset, {})))  # what the user (or preset) asked for
     if args.export:
         for flag in sorted(given - {"export"}):
             p.error(f"--{flag.replace('_', '-')} does not apply to --export")
@@ -125,14 +134,11 @@ def get_args(argv=None):
     if args.eval:
         for flag in sorted(given - EVAL_FLAGS):
             p.error(f"--{flag.replace('_', '-')} does not apply to --eval (evaluation only)")
+        if ddp:
+            p.error("--eval runs in one process: python train.py --eval ..., not under torchrun")
         args.method, args.dataset = (getattr(args, f) if f in given else None for f in ("method", "dataset"))
         if args.predictions and os.path.exists(args.predictions):
             p.error(f"--predictions {args.predictions}: exists already; name a new file")
-        if args.n_thoughts is not None:
-            ks = args.n_thoughts.split(",")
-            if not all(k.isdigit() for k in ks):
-                p.error(f"--n-thoughts {args.n_thoughts}: expected numbers separated by commas, e.g. 0,1,2")
-            args.n_thoughts = [int(k) for k in ks]
         return args
     for k, v in PAPER_RECIPE[args.dataset].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
@@ -168,9 +174,15 @@ def check_training_flags(p, args, given):
         for flag in sorted(given & GENERATOR_FLAGS):
             p.error(f"--{flag.replace('_', '-')} is a setting of the generated data, not of "
                     f"{'GSM8k' if args.dataset == 'gsm8k' else 'given --train/valid/test-file'}")
-    if args.stage == "all" and all(m in ("cot", "no-cot") for m in args.methods):
-        for flag in sorted(given & CURRICULUM_FLAGS):
-            p.error(f"--{flag.replace('_', '-')}: {args.method} trains at a single stage")
+    for flag in sorted(given & set(GRAPH_FLAGS)):
+        if args.dataset != "prosqa":
+            p.error(f"--{flag.replace('_', '-')} is a setting of the ProsQA generator, not of {args.dataset}'s")
+    for flag, users in CURRICULUM_FLAGS.items():
+        if flag in given and not any(m in users or (flag == "epochs_per_stage" and args.stage != "all")
+                                     for m in args.methods):
+            p.error(f"--{flag.replace('_', '-')} changes nothing for {args.method}")
+    if "epochs" in given and args.stage != "all":
+        p.error("--epochs is the length of --stage all; --stage N trains for --epochs-per-stage epochs")
     if "jobs" in given and args.jobs > 1 and (len(args.methods) == 1 or ddp):
         p.error("--jobs trains several --method side by side, in one process each (not under torchrun)")
     if args.batch_size % (args.micro_batch_size * world):
@@ -201,18 +213,8 @@ def setup_device(args):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-    elif args.device == "auto":
-        mps = torch.backends.mps.is_available()
-        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     else:
-        device = args.device
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise TrainError(f"--device {device}: not a device torch knows (cpu, cuda, mps)") from None
-        if (device.startswith("cuda") and not torch.cuda.is_available()) or (
-                device == "mps" and not torch.backends.mps.is_available()):
-            raise TrainError(f"--device {device}: not available on this machine")
+        device = pick_device(args.device)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.startswith("cuda")
@@ -230,8 +232,9 @@ def load_data(args):
             raise DataError(f"{path}: no such file. {gsm8k_help(args.data_dir)}")
     if args.dataset != "gsm8k" and not any(getattr(args, f"{s}_file") for s in SPLITS) and master:
         sizes = {s: getattr(args, f"n_{s}") for s in SPLITS if getattr(args, f"n_{s}") is not None}
+        knobs = {k: getattr(args, k) for k in GRAPH_FLAGS} if args.dataset == "prosqa" else {}
         prepare_splits(args.dataset, args.data_dir, args.data_seed, sizes, progress=True,
-                       **{k: getattr(args, k) for k in ("max_nodes", "min_steps", "max_steps")})
+                       asked=GENERATOR_FLAGS & set(args.given), **knobs)
     barrier()  # the other ranks wait for the generated files
     for split, path in paths.items():
         setattr(args, f"{split}_file", os.path.abspath(path))
@@ -450,10 +453,10 @@ def test_best(args, method, model, curriculum, data, device, ctx):
     test = dict(test=True, method=method, stage=best["stage"], best_epoch=best["epoch"],
                 val_acc=best["best_acc"], train_minutes=round(sum(h["seconds"] for h in ckpt["history"]) / 60, 2),
                 **{f"test_{k}": round(v, 5) for k, v in test.items()})
-    if master:
+    if master:  # the log first: a run whose ckpt.pt holds the test is finished and never rewrites it
         print(json.dumps(test))
-        save_checkpoint(dict(ckpt, test=test), os.path.join(run_dir, "ckpt.pt"))
         write_jsonl(ckpt["history"] + [test], os.path.join(run_dir, "log.jsonl"))
+        save_checkpoint(dict(ckpt, test=test), os.path.join(run_dir, "ckpt.pt"))
     return test
 
 
@@ -465,7 +468,8 @@ def eval_only(args, device, ctx):
     with --predictions what each question got."""
     run = load_run(args.eval, device, args.method, args.dataset)
     records, tokens = read_questions(run, args.eval_file, "--eval-file", args.n_thoughts)
-    print(f"{run.path}: {run.curriculum.method}, stage {run.stage}, epoch {run.epoch}; "
+    trained = f"epoch {run.epoch}" if run.epoch else "trained elsewhere"
+    print(f"{run.path}: {run.curriculum.method}, stage {run.stage}, {trained}; "
           f"{args.eval_file or run.args.test_file}: {len(records)} questions")
     predictions = []
     for k in args.n_thoughts or [None]:
@@ -493,7 +497,7 @@ def train_job(job):
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
     try:
         return train_method(args, method, data, *setup_device(args))
-    except (TrainError, ValueError) as e:  # DataError and CheckpointError are ValueErrors
+    except (ValueError, OSError) as e:  # the refusals of errors_in_one_line
         raise TrainError(f"{method}: {e}") from None
 
 
@@ -516,33 +520,35 @@ def train_in_parallel(args, data):
 def main(argv=None):
     args = get_args(argv)
     try:
-        device, ctx = setup_device(args)
-        if args.export:
-            return export_hf(*args.export)
-        if args.eval:
-            return eval_only(args, device, ctx)
-        check_run_folders(args.out_dir, args.methods, args.resume)  # before any long work
-        if args.init in HUB_MODELS:
-            fetch_from_hub(args.init)
-        data = load_data(args)
-        t0 = time.time()
-        if args.jobs > 1 and len(args.methods) > 1 and not ddp:
-            results = train_in_parallel(args, data)
-        else:
-            results = [train_method(args, method, data, device, ctx) for method in args.methods]
-        if master and len(results) > 1:
-            chance = " (chance: 50%)" if args.dataset in ("prosqa", "prontoqa") else ""
-            print(f"\n{args.dataset} test accuracy{chance}, {time.time() - t0:.0f} s in all:")
-            print("| method | test acc | val acc | tokens | passes | minutes |\n|---|---|---|---|---|---|")
-            for r in results:
-                print(f"| {r['method']} | {100 * r['test_acc']:.1f}% | {100 * r['val_acc']:.1f}% | "
-                      f"{r['test_tokens']:.1f} | {r['test_passes']:.1f} | {r['train_minutes']:.1f} |")
-    except (TrainError, ValueError, OSError, WeightsUnavailable) as e:  # DataError, CheckpointError too
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        with errors_in_one_line():
+            device, ctx = setup_device(args)
+            if args.export:
+                return export_hf(*args.export)
+            if args.eval:
+                return eval_only(args, device, ctx)
+            check_run_folders(args.out_dir, args.methods, args.resume)  # before any long work
+            if args.init in HUB_MODELS:
+                fetch_from_hub(args.init)
+            data = load_data(args)
+            t0 = time.time()
+            if args.jobs > 1 and len(args.methods) > 1 and not ddp:
+                results = train_in_parallel(args, data)
+            else:
+                results = [train_method(args, method, data, device, ctx) for method in args.methods]
+            if master and len(results) > 1:
+                print_table(args, results, time.time() - t0)
     finally:
         if ddp:
             torch.distributed.destroy_process_group()
+
+
+def print_table(args, results, seconds):
+    chance = " (chance: 50%)" if args.dataset in ("prosqa", "prontoqa") else ""
+    print(f"\n{args.dataset} test accuracy{chance}, {seconds:.0f} s in all:")
+    print("| method | test acc | val acc | tokens | passes | minutes |\n|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {100 * r['test_acc']:.1f}% | {100 * r['val_acc']:.1f}% | "
+              f"{r['test_tokens']:.1f} | {r['test_passes']:.1f} | {r['train_minutes']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from analyze import CATEGORIES, classify, heights, layer  # noqa: E402
+from analyze import CATEGORIES, classify, heights, reached_in  # noqa: E402
 from bench import naive_thoughts  # noqa: E402
 from checkpoint import Run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example  # noqa: E402
@@ -60,9 +60,9 @@ def test_classify_hand_built_outputs(k, output, category):
 
 def test_layers_and_heights_of_a_hand_built_dag():
     children = children_of(RECORD)
-    assert layer(children, N["Tom"], 1) == {N["a"], N["b"], N["g"]}
-    assert layer(children, N["Tom"], 2) == {N["c"], N["d"], N["f"]}
-    assert layer(children, N["Tom"], 3) == {N["d"]}
+    assert reached_in(children, N["Tom"], 1) == {N["a"], N["b"], N["g"]}
+    assert reached_in(children, N["Tom"], 2) == {N["c"], N["d"], N["f"]}
+    assert reached_in(children, N["Tom"], 3) == {N["d"]}
     short, long = heights(children)
     # leaves d, e, f; c -> d; a -> c -> d and a -> f; Tom -> a -> c -> d
     expected = {"d": (0, 0), "e": (0, 0), "f": (0, 0), "c": (1, 1), "b": (1, 2), "g": (1, 1), "a": (1, 2),
@@ -121,10 +121,10 @@ def runs(tmp_path_factory):
     return dict(root=root, data=data_dir, coconut=os.path.join(out, "coconut"), cot=os.path.join(out, "cot"))
 
 
-def test_analyze_writes_tables_figures_and_data(runs, tmp_path):
-    out = str(tmp_path / "analysis")
-    r = run_script("analyze.py", runs["coconut"], "--out", out)
+def test_analyze_writes_tables_figures_and_data(runs):
+    r = run_script("analyze.py", runs["coconut"])
     assert r.returncode == 0, r.stderr[-3000:]
+    out = os.path.join(runs["coconut"], "analysis-test")  # beside the run, named after the file analysed
     for name in ("ksweep.png", "values.png", "parallelism.png", "ksweep.jsonl", "values.jsonl"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "ksweep.jsonl")) as f:
@@ -163,7 +163,8 @@ def test_analyze_refuses_bad_input(runs, tmp_path):
         ([runs["coconut"], "--file", str(tmp_path / "no-edges.json")], "no-edges.json: record 0: 'edges'"),
         ([runs["cot"]], "a cot model has no continuous thoughts"),
         ([runs["coconut"], "--n-thoughts", "0,200"], "--n-thoughts 200"),
-        ([runs["coconut"], "--n-thoughts", "1,x"], "--n-thoughts 1,x"),
+        ([runs["coconut"], "--n-thoughts", "1,x"], "--n-thoughts: expected numbers separated by commas"),
+        ([runs["coconut"], "--device", "foo"], "--device foo"),
         ([runs["coconut"], "--example", "99"], "--example 99"),
         ([str(tmp_path / "nope")], "nope"),
     ]:

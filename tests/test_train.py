@@ -53,6 +53,8 @@ def without(args, *flags):
 
 # CoT and No-CoT have no curriculum: its flags would be ignored, so they are refused
 SINGLE_STAGE = without(TINY, "--c", "--max-latent-stage", "--epochs-per-stage")
+# --stage N trains --epochs-per-stage epochs: --epochs would be ignored
+ONE_STAGE = without(TINY, "--epochs")
 
 
 def run(*args, env=None, cwd=ROOT):
@@ -150,8 +152,8 @@ def test_kill_9_then_resume_from_a_moved_folder_matches_an_uninterrupted_run(tin
     """One stage trained for 4 epochs (--stage 1), so the resumed run must restore AdamW's moments,
     its warm-up position and the RNG states, not just the weights; the run folder is moved between
     the kill and the resume, and the resume spells its --out-dir with a trailing slash."""
-    args = [*TINY, "--data-dir", tiny["data"], "--method", "coconut", "--stage", "1",
-            "--epochs-per-stage", "4", "--warmup-iters", "5"]
+    args = [*without(ONE_STAGE, "--epochs-per-stage"), "--data-dir", tiny["data"], "--method", "coconut",
+            "--stage", "1", "--epochs-per-stage", "4", "--warmup-iters", "5"]
     reference = str(tiny["root"] / "out-uninterrupted")
     r = run("train.py", *args, "--out-dir", reference)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -176,8 +178,9 @@ def test_kill_9_then_resume_from_a_moved_folder_matches_an_uninterrupted_run(tin
 def test_warmup_and_optimizer_resets(tiny, tmp_path):
     """One optimizer step per epoch (batch 24 = the whole training set), warm-up of 4 steps: the
     learning rate of step s (counted from the last reset) is lr * min(1, s / 5)."""
-    args = [*TINY, "--data-dir", tiny["data"], "--method", "coconut", "--stage", "1", "--epochs-per-stage",
-            "3", "--batch-size", "24", "--micro-batch-size", "8", "--warmup-iters", "4"]
+    args = [*without(ONE_STAGE, "--epochs-per-stage", "--batch-size", "--micro-batch-size"), "--data-dir",
+            tiny["data"], "--method", "coconut", "--stage", "1", "--epochs-per-stage", "3", "--batch-size", "24",
+            "--micro-batch-size", "8", "--warmup-iters", "4"]
     for reset, lrs, steps in [("stage", [0.2, 0.4, 0.6], 3), ("epoch", [0.2, 0.2, 0.2], 1)]:
         out = str(tmp_path / reset)
         r = run("train.py", *args, "--reset-optimizer", reset, "--out-dir", out)
@@ -253,8 +256,8 @@ def test_test_split_is_scored_with_the_best_checkpoint(tiny, tmp_path, monkeypat
         return dict(acc=acc, tokens=1.0, passes=2.0, s_per_q=0.0), {}
     monkeypatch.setattr(train, "evaluate", stub)
     out = str(tmp_path / "out")
-    train.main([*TINY, "--data-dir", tiny["data"], "--out-dir", out, "--method", "coconut", "--stage", "1",
-                "--epochs-per-stage", "3"])
+    train.main([*without(ONE_STAGE, "--epochs-per-stage"), "--data-dir", tiny["data"], "--out-dir", out,
+                "--method", "coconut", "--stage", "1", "--epochs-per-stage", "3"])
     final = read_log(os.path.join(out, "coconut"))[-1]
     best, last = load(os.path.join(out, "coconut", "best.pt")), load(os.path.join(out, "coconut", "ckpt.pt"))
     assert final["best_epoch"] == 2 and best["epoch"] == 2
@@ -341,7 +344,12 @@ def bad_inputs(tiny):
         ("heads do not divide", ["--n-embd", "30", "--n-head", "4"], "--n-embd 30 is not a multiple of --n-head 4"),
         ("zero learning rate", ["--learning-rate", "0"], "--learning-rate: must be at least"),
         ("thoughts without eval", ["--n-thoughts", "2"], "--n-thoughts goes with --eval"),
-        ("curriculum of cot", ["--method", "cot", "--uniform-prob", "0.3"], "--c: cot trains at a single stage"),
+        ("curriculum of cot", ["--method", "cot"], "--c changes nothing for cot"),
+        ("curriculum of no-curriculum", ["--method", "no-curriculum"],
+         "--epochs-per-stage changes nothing for no-curriculum"),
+        ("epochs of one stage", ["--stage", "1", "--epochs", "4"], "--epochs is the length of --stage all"),
+        ("graphs of prontoqa", ["--dataset", "prontoqa", "--max-nodes", "7"],
+         "--max-nodes is a setting of the ProsQA generator"),
         ("generator with files", [*files(os.path.join(data, "train.json")), "--n-train", "5"],
          "--n-train is a setting of the generated data"),
         ("jobs for one method", ["--jobs", "2"], "--jobs trains several --method"),
@@ -399,6 +407,19 @@ def test_runs_are_never_overwritten(tiny, tmp_path):
     assert snapshot(tiny["run"]) == before
 
 
+def test_a_run_killed_in_its_first_epoch_starts_again_on_resume(tiny, tmp_path):
+    """Killed before its first ckpt.pt, even between writing best.pt and ckpt.pt: --resume has no
+    epoch to continue from, so the run starts again, and ends as a run never killed."""
+    run_dir = tmp_path / "out" / "coconut"
+    run_dir.mkdir(parents=True)
+    shutil.copy(os.path.join(tiny["run"], "args.json"), run_dir / "args.json")
+    shutil.copy(os.path.join(tiny["run"], "best.pt"), run_dir / "best.pt")
+    r = run("train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", str(tmp_path / "out"), "--method", "coconut",
+            "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert untimed(read_log(str(run_dir))) == untimed(read_log(tiny["run"]))
+
+
 def test_diverging_run_stops_clearly_before_saving_nan_weights(tiny, tmp_path):
     """A learning rate of 1e30 overflows the forward of the second step: the run must stop there
     with a clear error, not train on NaN weights and save them as its checkpoint."""
@@ -423,8 +444,8 @@ def test_eval_only_prints_accuracy_and_k_sweep(tiny, tmp_path):
     # one new token at most (the thoughts are counted as tokens too)
     assert float(lines[0].split("tokens ")[1].split()[0]) <= 1 and float(lines[1].split("tokens ")[1].split()[0]) <= 3
     for extra, expected in [(["--eval", tiny["out"]], f"pass one of them, e.g. {tiny['run']}"),
-                            (["--eval", tiny["run"], "--n-thoughts", "1,a"], "--n-thoughts 1,a"),
-                            (["--eval", tiny["run"], "--n-thoughts", "-1"], "--n-thoughts -1"),
+                            (["--eval", tiny["run"], "--n-thoughts", "1,a"], "--n-thoughts: expected numbers"),
+                            (["--eval", tiny["run"], "--n-thoughts", "-1"], "not -1"),
                             (["--eval", tiny["run"], "--epochs", "3"], "--epochs does not apply to --eval")]:
         r = run("train.py", *extra)
         assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
@@ -452,6 +473,9 @@ def test_sample_shows_thoughts_and_answers(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Q: ") == 2 and r.stdout.count("thought 1: ") == 2 and r.stdout.count("A: ") == 2
     for extra, expected in [(["--ckpt", str(tmp_path / "nope.pt")], "nope.pt"),
+                            (["--ckpt", tiny["run"], "--question", "Is Tom a wumpus?", "--index", "1"],
+                             "--question and --index do not go together"),
+                            (["--ckpt", tiny["run"], "--device", "foo"], "--device foo"),
                             (["--ckpt", tiny["run"], "--n-thoughts", "500"], "--n-thoughts 500"),
                             (["--ckpt", tiny["run"], "--n-thoughts", "-1"], "--n-thoughts"),
                             (["--ckpt", tiny["run"], "--index", "99"], "--index 99")]:
