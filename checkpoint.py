@@ -3,11 +3,14 @@ Checkpoints in and out: the one loader that turns any checkpoint into a model re
 
 Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
 
-It also keeps a run folder safe (never overwritten, resumed only as itself) and holds what a
-checkpoint saves besides weights (the RNG states). What it reads, by what it finds:
+It also keeps a run folder safe (never overwritten, resumed only as itself), holds what a
+checkpoint saves besides weights (the RNG states), checks that questions fit a model (check_fits)
+and writes a model out in the Hugging Face layout (export_hf). What it reads, by what it finds:
 - a run of train.py: a run folder (its best.pt) or any .pt it wrote (ckpt.pt, best.pt), which
   carries the model, its vocabulary, the curriculum flags and the stage it was trained at;
-- GPT-2 weights: OpenAI's by name (gpt2 ... gpt2-xl), a Hugging Face folder, or a weights file.
+- GPT-2 weights: OpenAI's by name (gpt2 ... gpt2-xl), a Hugging Face folder, or a weights file,
+  such as the state dicts the official code saves (its Coconut's keys behind "base_causallm.");
+  these do not say their method and dataset, which load_run must be told.
 Every file is loaded with torch.load(weights_only=True): loading a checkpoint never runs code.
 """
 
@@ -22,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from coconut import Coconut, Curriculum, Vocab, check_fits
-from data import (EOS, N_VOCAB, PAPER_RECIPE, SPECIAL_TOKENS, bpe_dir, encode, read_records, tokenize_record,
-                  write_atomic)
+from coconut import Coconut, Curriculum, Vocab, build_example
+from data import (EOS, N_VOCAB, PAPER_RECIPE, SPECIAL_TOKENS, DataError, bpe_dir, decode, encode, read_records,
+                  tokenize_record, write_atomic)
 from model import GPT, HUB_MODELS, WEIGHT_FILES, GPTConfig, WeightsUnavailable, read_gpt2_weights
 
 
@@ -220,6 +223,25 @@ def check_method(path, info, curriculum):
     if curriculum.markers and info["vocab_size"] < N_VOCAB:
         raise CheckpointError(f"--method {curriculum.method}: {path} has {info['vocab_size']} tokens, no "
                               f"<|latent|>: a model without thoughts (cot, no-cot or no-thoughts)")
+
+
+def check_fits(tokens, path, curriculum, stages, block_size, vocab, n_thoughts=()):
+    """Every record must fit the context at every stage it will see (and its prompt with each of
+    n_thoughts thoughts, leaving room for an answer), in tokens the model knows."""
+    for i, t in enumerate(tokens):
+        n = max(len(build_example(t, curriculum, s)["input_ids"]) for s in stages)
+        if n > block_size:
+            raise DataError(f"{path}: record {i} is {n} tokens long, more than the model's context of "
+                            f"{block_size} (use a model with a larger --block-size, or shorter examples)")
+        for k in n_thoughts:
+            n = len(build_example(t, curriculum, stages[0], prompt_only=True, n_thoughts=k)["input_ids"])
+            if n >= block_size:
+                raise DataError(f"--n-thoughts {k}: the prompt of record {i} of {path} would be {n} tokens, "
+                                f"leaving no room for an answer in the model's context of {block_size}")
+        unknown = [x for x in t["question"] + sum(t["steps"], []) + t["answer"] if vocab.table[x] < 0]
+        if unknown:
+            raise DataError(f"{path}: record {i} has the token {decode(unknown[:1])!r}, which this model's "
+                            f"vocabulary (--vocab data: the tokens of the files it was trained with) does not hold")
 
 
 def read_questions(run, path, flag, n_thoughts=None, check=None):

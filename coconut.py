@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from data import END_LATENT, EOS, LATENT, N_VOCAB, START_LATENT, DataError, decode
+from data import END_LATENT, EOS, LATENT, N_VOCAB, START_LATENT
 from model import KVCache
 
 # The variants of the paper's Table 1. All share one code path; they differ in the layout of the
@@ -178,25 +178,6 @@ class Vocab:
 
     def to_gpt2(self, ids):
         return list(ids) if self.ids is None else [self.ids[i] for i in ids]
-
-
-def check_fits(tokens, path, curriculum, stages, block_size, vocab, n_thoughts=()):
-    """Every record must fit the context at every stage it will see (and its prompt with each of
-    n_thoughts thoughts, leaving room for an answer), in tokens the model knows."""
-    for i, t in enumerate(tokens):
-        n = max(len(build_example(t, curriculum, s)["input_ids"]) for s in stages)
-        if n > block_size:
-            raise DataError(f"{path}: record {i} is {n} tokens long, more than the model's context of "
-                            f"{block_size} (use a model with a larger --block-size, or shorter examples)")
-        for k in n_thoughts:
-            n = len(build_example(t, curriculum, stages[0], prompt_only=True, n_thoughts=k)["input_ids"])
-            if n >= block_size:
-                raise DataError(f"--n-thoughts {k}: the prompt of record {i} of {path} would be {n} tokens, "
-                                f"leaving no room for an answer in the model's context of {block_size}")
-        unknown = [x for x in t["question"] + sum(t["steps"], []) + t["answer"] if vocab.table[x] < 0]
-        if unknown:
-            raise DataError(f"{path}: record {i} has the token {decode(unknown[:1])!r}, which this model's "
-                            f"vocabulary (--vocab data: the tokens of the files it was trained with) does not hold")
 
 
 class Coconut(nn.Module):

@@ -20,8 +20,8 @@ import os
 
 import torch
 
-from checkpoint import CheckpointError, load_run, read_questions, runs_in
-from coconut import build_example, check_fits, collate
+from checkpoint import CheckpointError, check_fits, load_run, read_questions, runs_in
+from coconut import build_example, collate
 from data import PAPER_RECIPE, ArgumentParser, bfs, bounded, children_of, counts, decode, encode, errors_in_one_line, grade
 
 

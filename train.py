@@ -26,10 +26,10 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import (check_run_folders, curriculum_of, export_hf, load_model, load_run, pick_device,
-                        read_checkpoint, read_questions, resume_checkpoint, rng_state, save_checkpoint,
-                        set_rng_state)
-from coconut import METHODS, Coconut, Vocab, build_example, check_fits, collate
+from checkpoint import (check_fits, check_run_folders, curriculum_of, export_hf, load_model, load_run,
+                        pick_device, read_checkpoint, read_questions, resume_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
+from coconut import METHODS, Coconut, Vocab, build_example, collate
 from data import (LATENT, PAPER_RECIPE, SPLITS, ArgumentParser, DataError, bounded, counts, decode,
                   errors_in_one_line, given_flags, grade, gsm8k_help, load_split, prepare_splits, write_atomic,
                   write_jsonl)
