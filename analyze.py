@@ -7,7 +7,7 @@ Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sampl
     python analyze.py out/cpu-small/coconut        # after python train.py --preset cpu
     python analyze.py RUN --file data/prosqa/test.json --out results/
 
-The results go to RUN's folder, in analysis-<name of the analysed file>/.
+The results go to RUN's folder, in analysis-<data folder>-<file name>/ (e.g. analysis-prosqa-small-test).
 
 1. k-sweep (Figure 5). The same model gets k = 0, 1, ... thoughts, then writes the rest of the chain
    in language. Each output is classified by the path it writes (the answer line aside): Correct
@@ -281,7 +281,7 @@ def main(argv=None):
     p = ArgumentParser(description="The paper's analyses of what continuous thoughts hold, on ProsQA.")
     p.add_argument("run", help="a Coconut run folder or checkpoint trained on ProsQA")
     p.add_argument("--file", help="an official-format ProsQA file (default: the run's test file)")
-    p.add_argument("--out", help="where figures and jsonl files go (default: RUN/analysis-<file name>)")
+    p.add_argument("--out", help="where figures and jsonl files go (default: RUN/analysis-<folder>-<file>)")
     p.add_argument("--n-thoughts", type=counts, help="the k of the sweep, e.g. 0,1,2 (default: 0 to the most)")
     p.add_argument("--references", help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
                    "and no-cot runs beside RUN)")
@@ -305,7 +305,8 @@ def main(argv=None):
         if args.example is not None and args.example >= len(records):
             raise DataError(f"--example {args.example}: {path} has questions 0 to {len(records) - 1}")
         # each analysed file gets a folder of its own: analysing another never overwrites this one
-        name = "analysis-" + os.path.splitext(os.path.basename(path))[0]
+        folder, file = os.path.split(os.path.abspath(path))
+        name = f"analysis-{os.path.basename(folder)}-{os.path.splitext(file)[0]}"
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(run.path)), name)
         os.makedirs(out, exist_ok=True)
     args.max_new_tokens = args.max_new_tokens or run.args.max_new_tokens

@@ -124,7 +124,7 @@ def runs(tmp_path_factory):
 def test_analyze_writes_tables_figures_and_data(runs):
     r = run_script("analyze.py", runs["coconut"])
     assert r.returncode == 0, r.stderr[-3000:]
-    out = os.path.join(runs["coconut"], "analysis-test")  # beside the run, named after the file analysed
+    out = os.path.join(runs["coconut"], "analysis-data-test")  # beside the run, named after the file analysed
     for name in ("ksweep.png", "values.png", "parallelism.png", "ksweep.jsonl", "values.jsonl"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "ksweep.jsonl")) as f:
