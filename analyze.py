@@ -2,7 +2,8 @@
 What the continuous thoughts hold: the paper's analyses of latent reasoning on ProsQA (Hao et al.,
 2024, Section 5, Figures 5-9), for a trained run, with tables, figures and the data behind them.
 
-Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
+Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
+-> analyze -> sample.
 
     python analyze.py out/cpu-small/coconut        # after python train.py --preset cpu
     python analyze.py RUN --file data/prosqa/test.json --out results/
@@ -39,15 +40,64 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 
-from checkpoint import CheckpointError, load_run, read_questions, runs_in
-from data import (ArgumentParser, DataError, bfs, bounded, check_graph, children_of, counts, errors_in_one_line,
-                  grade, write_jsonl)
-from sample import node_values
-from train import evaluate
+import torch
+from torch.nn import functional as F
+
+from checkpoint import load_run, runs_in
+from coconut import build_example, collate
+from common import ArgumentParser, InputError, bounded, errors_in_one_line, pick_device, write_jsonl
+from data import bfs, check_graph, children_of, encode, grade
+from evaluate import evaluate, model_flags, open_run, read_questions
 
 CATEGORIES = ("Correct Path", "Longer Path", "Hallucination", "Wrong Target", "Correct Label",
               "Incorrect Label")
 STEP = re.compile(r"(?:Every )?(\w+) is a (\w+)\.")
+
+
+# -----------------------------------------------------------------------------
+# Probes: what a model makes of a continuation, and its thoughts
+
+@torch.no_grad()
+def score(model, batch):
+    """Per row of a collated batch, the log-probability of its labelled tokens, each given all
+    that comes before it (thoughts included): how likely the model finds a continuation."""
+    hidden = model.think(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    targets = batch["labels"][:, 1:]
+    supervised = targets != -100
+    logp = F.log_softmax(model.gpt.lm_head(hidden[:, :-1][supervised]).float(), dim=-1)
+    logp = logp.gather(1, targets[supervised][:, None])[:, 0]
+    return torch.zeros(len(targets), device=logp.device).index_add_(0, supervised.nonzero()[:, 0], logp)
+
+
+@torch.no_grad()
+def node_values(run, questions, k, batch_size=256):
+    """For each (tokens, record) of a ProsQA question, {node: value} after k thoughts: the
+    probability of the node's name right after the forced start of a step, "Every" (the product
+    over its tokens; nodes with a parent: the others are never an "Every")."""
+    every, rows, examples = encode("Every"), [], []
+    for q, (tokens, record) in enumerate(questions):
+        prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=k)["input_ids"]
+        for node in sorted({v for _, v in record["edges"]}):
+            name = encode(" " + record["idx_to_symbol"][node])
+            rows.append((q, node))
+            labels = [-100] * (len(prompt) + len(every)) + name
+            examples.append({"input_ids": prompt + every + name, "labels": labels})
+    values = [{} for _ in questions]
+    device = run.model.gpt.lm_head.weight.device
+    for i in range(0, len(examples), batch_size):
+        logp = score(run.model, collate(examples[i:i + batch_size], device=device, vocab=run.vocab))
+        for (q, node), value in zip(rows[i:i + batch_size], logp.exp().tolist()):
+            values[q][node] = value
+    return values
+
+
+@torch.no_grad()
+def thoughts_of(model, batch):
+    """Per row of a collated batch, its continuous thoughts as a (n_thoughts, C) tensor: a thought
+    is the last hidden state of the position before its <|latent|> slot."""
+    hidden = model.think(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    slots = (batch["input_ids"] == model.latent_id) & model.feedback
+    return [hidden[i, slots[i].nonzero().flatten() - 1] for i in range(len(hidden))]
 
 
 # -----------------------------------------------------------------------------
@@ -126,15 +176,14 @@ def frontier_rows(records, values, k):
 # -----------------------------------------------------------------------------
 # The four analyses
 
-def ksweep(run, records, tokens, ks, references, args):
+def ksweep(run, questions, ks, references, args):
     """{row label: Counter of categories, plus "accuracy"}: the model at each k, then each
     reference run; and one row per question and k for ksweep.jsonl."""
-    table, rows = {}, []
+    table, rows, records = {}, [], questions["records"]
     runs = [(f"k={k}", run, k) for k in ks] + [(name, ref, None) for name, ref in references]
     for label, model_run, k in runs:
-        device = model_run.model.gpt.lm_head.weight.device
-        metrics, outputs = evaluate(model_run.model, tokens, records, model_run.curriculum, model_run.stage,
-                                    device, nullcontext(), args.batch_size, args.max_new_tokens, n_thoughts=k)
+        metrics, outputs = evaluate(model_run, questions, nullcontext(), args.batch_size, args.max_new_tokens,
+                                    n_thoughts=k)
         table[label] = Counter(accuracy=metrics["acc"])
         for i in sorted(outputs):
             category = classify(records[i], outputs[i]["output"], 0 if k is None else k // run.curriculum.c)
@@ -144,10 +193,10 @@ def ksweep(run, records, tokens, ks, references, args):
     return table, rows
 
 
-def value_tables(records, tokens, run, args):
+def value_tables(run, questions, args):
     """Node values after thoughts 1 and 2: one row per frontier node, and per question the
     frontier's values, largest first ({thought: {question: [values]}})."""
-    rows, tops = [], {}
+    rows, tops, records, tokens = [], {}, questions["records"], questions["tokens"]
     for k in (1, 2):
         questions = [q for q, r in enumerate(records) if bfs(children_of(r), r["root"])[0][r["target"]] > k]
         # thought k stands for k hidden steps: k * c thoughts (c = 1 for ProsQA)
@@ -279,31 +328,26 @@ def references_of(run_path, given, device):
 
 def main(argv=None):
     p = ArgumentParser(description="The paper's analyses of what continuous thoughts hold, on ProsQA.")
-    p.add_argument("run", help="a Coconut run folder or checkpoint trained on ProsQA")
-    p.add_argument("--file", help="an official-format ProsQA file (default: the run's test file)")
+    model_flags(p, dataset=False)  # the graphs are ProsQA's
     p.add_argument("--out", help="where figures and jsonl files go (default: RUN/analysis-<folder>-<file>)")
-    p.add_argument("--n-thoughts", type=counts, help="the k of the sweep, e.g. 0,1,2 (default: 0 to the most)")
     p.add_argument("--references", help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
                    "and no-cot runs beside RUN)")
     p.add_argument("--example", type=bounded(int, 0), help="the question of the worked example")
     p.add_argument("--batch-size", type=bounded(int, 1), default=100)
-    p.add_argument("--max-new-tokens", type=bounded(int, 1), help="default: the run's")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--method", help="for a checkpoint trained elsewhere (the official code): its method")
     args = p.parse_args(argv)
     with errors_in_one_line():
-        run = load_run(args.run, args.device, args.method, dataset="prosqa")  # the graphs are ProsQA's
+        run = open_run(args.run, args, dataset="prosqa")
         if not (run.curriculum.markers and run.curriculum.feedback):
-            raise CheckpointError(f"{run.path}: a {run.curriculum.method} model has no continuous thoughts "
-                                  f"to analyse: pass a Coconut run (its CoT and No-CoT runs are the references)")
+            raise InputError(f"{run.path}: a {run.curriculum.method} model has no continuous thoughts "
+                             f"to analyse: pass a Coconut run (its CoT and No-CoT runs are the references)")
         ks = args.n_thoughts or list(range(run.curriculum.max_latent_stage * run.curriculum.c + 1))
-        records, tokens = read_questions(run, args.file, "--file", ks, check=check_graph)
-        path = args.file or run.args.test_file
-        references = references_of(run.path, args.references, args.device)
+        questions = read_questions(run, args.file, ks, check=check_graph)
+        path, records = questions["path"], questions["records"]
+        references = references_of(run.path, args.references, pick_device(args.device))
         for _, ref in references:
-            read_questions(ref, path, "--file")  # the same questions must fit each reference model
+            read_questions(ref, path)  # the same questions must fit each reference model
         if args.example is not None and args.example >= len(records):
-            raise DataError(f"--example {args.example}: {path} has questions 0 to {len(records) - 1}")
+            raise InputError(f"--example {args.example}: {path} has questions 0 to {len(records) - 1}")
         # each analysed file gets a folder of its own: analysing another never overwrites this one
         folder, file = os.path.split(os.path.abspath(path))
         name = f"analysis-{os.path.basename(folder)}-{os.path.splitext(file)[0]}"
@@ -311,8 +355,8 @@ def main(argv=None):
         os.makedirs(out, exist_ok=True)
     args.max_new_tokens = args.max_new_tokens or run.args.max_new_tokens
     t0 = time.time()
-    table, sweep_rows = ksweep(run, records, tokens, ks, references, args)
-    value_rows, tops = value_tables(records, tokens, run, args)
+    table, sweep_rows = ksweep(run, questions, ks, references, args)
+    value_rows, tops = value_tables(run, questions, args)
     print(f"{run.path}: {run.curriculum.method}, stage {run.stage}; {path}: {len(records)} questions; "
           f"analysed in {time.time() - t0:.0f} s")
     print_ksweep(table, len(records))

@@ -21,6 +21,7 @@ import torch
 import data
 from coconut import Coconut, Curriculum, build_example, collate
 from model import GPT, GPTConfig
+from tests.reference import official_generate
 
 SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "tiny": dict(n_layer=2, n_head=4, n_embd=128)}
 
@@ -43,7 +44,7 @@ def bench_training(gpt, tokens, batch_size, repeats):
 
     def step(model):
         gpt.zero_grad(set_to_none=True)
-        model(**batch, return_logits=False)[0].backward()
+        model(**batch).backward()
 
     step(coconut), step(plain)  # warm-up
     t_plain, t_coconut = [], []
@@ -55,33 +56,6 @@ def bench_training(gpt, tokens, batch_size, repeats):
     print(f"training step, batch {B} x {T} tokens, {n_thoughts} thoughts per row:")
     print(f"  plain forward+backward   {t_plain * 1000:8.0f} ms")
     print(f"  Coconut forward+backward {t_coconut * 1000:8.0f} ms   ratio {t_coconut / t_plain:.2f}x")
-
-
-def naive_thoughts(gpt, ids, detach=False, latent_id=data.LATENT):
-    """Input embeddings (1, T, C) of one unpadded example with its thoughts filled in as the paper
-    defines them: for each <|latent|>, run the whole prefix again and take its last hidden state.
-    The reference of tests/test_coconut.py; detach=True cuts the gradient through the thoughts."""
-    embeds = gpt.transformer.wte(torch.tensor([ids], device=gpt.lm_head.weight.device))
-    for j, token in enumerate(ids):
-        if token == latent_id:
-            hidden = gpt(embeds=embeds[:, :j], return_hidden=True)[2]
-            hidden = hidden.detach() if detach else hidden
-            embeds = torch.cat([embeds[:, :j], hidden[:, -1:], embeds[:, j + 1:]], dim=1)
-    return embeds
-
-
-@torch.no_grad()
-def official_generate(gpt, prompt, max_new_tokens, eos_id=data.EOS, latent_id=data.LATENT):
-    """The official Coconut.generate: one question, thoughts by rerunning the prefix, no KV cache."""
-    embeds = naive_thoughts(gpt, prompt, latent_id=latent_id)
-    new = []
-    for _ in range(max_new_tokens):
-        token = gpt(embeds=embeds)[0][0, -1].argmax()
-        if int(token) == eos_id:
-            break
-        new.append(int(token))
-        embeds = torch.cat([embeds, gpt.transformer.wte(token.view(1, 1))], dim=1)
-    return new
 
 
 def bench_generation(gpt, tokens, n_prompts, baseline_prompts, max_new_tokens):

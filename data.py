@@ -1,10 +1,10 @@
 """
 The data side of Coconut: the GPT-2 tokenizer (offline), and the three datasets of the paper.
 
-Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
-This file comes first: it knows how text becomes token ids, how the ProsQA / ProntoQA / GSM8k
-records look, and the paper's recipe for each dataset; it also holds the small helpers every
-command shares (one atomic file writer, argparse refusing bad flags in one line).
+Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
+-> analyze -> sample. This file comes first: it knows how text becomes token ids (and the smaller
+vocabulary of a model trained from scratch), and how the ProsQA / ProntoQA / GSM8k records look
+and are made. It does not use torch.
 
 Records use the JSON format of the official release (facebookresearch/coconut):
 a list of {"question": str, "steps": [str, ...], "answer": str}.
@@ -14,7 +14,7 @@ a list of {"question": str, "steps": [str, ...], "answer": str}.
     python data.py --stats data/prosqa/test.json             # compare with the release (NOTES.md)
 """
 
-import argparse
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -23,12 +23,13 @@ import math
 import os
 import random
 import sys
-from contextlib import contextmanager
 from collections import Counter, deque
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tqdm import tqdm
+
+from common import ArgumentParser, InputError, bounded, errors_in_one_line, flag, given_flags, write_atomic
 
 # -----------------------------------------------------------------------------
 # Tokenizer: exactly tiktoken's "gpt2" encoding, plus Coconut's three new tokens.
@@ -99,10 +100,38 @@ def decode(ids):
     return get_tokenizer().decode([int(i) for i in ids])
 
 
+class Vocab:
+    """The token ids a model knows: GPT-2's (grown to N_VOCAB), or, for a model trained from
+    scratch on generated data (--vocab data), only the few hundred its data uses. On a CPU the
+    output layer over 50,260 tokens costs more than a whole small transformer, so a small
+    vocabulary trains about three times faster. Records are tokenized into GPT-2 ids; a batch is
+    mapped into the model's ids as it is made (coconut.collate), and answers are mapped back."""
+
+    def __init__(self, ids=None):
+        self.ids = ids  # the GPT-2 id of each model id, or None: GPT-2's own ids
+        self.size = N_VOCAB if ids is None else len(ids)
+        self.index = None if ids is None else {t: i for i, t in enumerate(ids)}
+
+    @classmethod
+    def of(cls, tokens):
+        """The vocabulary of tokenized records (tokenize_record's output), Coconut's markers included."""
+        used = {x for t in tokens for x in t["question"] + sum(t["steps"], []) + t["answer"]}
+        return cls(sorted(used | {EOS, START_LATENT, END_LATENT, LATENT}))
+
+    def knows(self, token):
+        return 0 <= token < N_VOCAB if self.ids is None else token in self.index
+
+    def to_model(self, ids):
+        return list(ids) if self.ids is None else [self.index[t] for t in ids]
+
+    def to_gpt2(self, ids):
+        return list(ids) if self.ids is None else [self.ids[i] for i in ids]
+
+
 # -----------------------------------------------------------------------------
 # Records: load, save, tokenize, grade. The JSON layout is the official release's.
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data. The message names the file and the record (or line) at fault."""
 
 
@@ -177,33 +206,10 @@ def children_of(r):
     return children
 
 
-def write_atomic(path, write):
-    """Write a file under a temporary name in its folder, then rename it: a kill never leaves a
-    half-written file under the real name. write(f) writes into the binary file f. The one writer
-    of every file this repository makes (data splits, checkpoints, logs)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # same disk: atomic
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_jsonl(rows, path):
-    """One JSON line per row (a run's log, an analysis' data), written atomically."""
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def save_records(records, path, overwrite=False):
     """Write records as a JSON list (atomically: see write_atomic)."""
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
+        raise FileExistsError(errno.EEXIST, "already exists (overwrite=True replaces it)", path)
     text = json.dumps(records, ensure_ascii=False)
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -348,8 +354,8 @@ def unique_records(make, rng, n, progress, desc, max_tries=1000):
             if r is None or r["question"] in seen:
                 misses += 1
                 if misses >= max_tries:
-                    raise ValueError(f"{desc}: {max_tries} draws in a row were rejected or repeated; "
-                                     "loosen the size knobs")
+                    raise DataError(f"{desc}: {max_tries} draws in a row were rejected or repeated; "
+                                    "loosen the graph settings")
                 continue
             misses = 0
             seen.add(r["question"])
@@ -496,13 +502,6 @@ def gsm8k_help(data_dir):
 
 PAPER_SIZES = {"prosqa": dict(train=17886, valid=300, test=500),
                "prontoqa": dict(train=9000, valid=200, test=800)}
-# The paper's training recipe per dataset (Section 4.1 and the official configs): thoughts per
-# step, latent stages, epochs, and the greedy decoding budget of its evaluation.
-PAPER_RECIPE = {
-    "prosqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
-    "prontoqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
-    "gsm8k": dict(c=2, max_latent_stage=3, epochs_per_stage=3, epochs=25, max_new_tokens=64),
-}
 SPLITS = ("train", "valid", "test")
 
 
@@ -516,13 +515,13 @@ def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=
     settings = generator_settings(dataset, seed, sizes, **knobs)
     for split, n in settings["sizes"].items():
         if n < 1:
-            raise ValueError(f"--n-{split} must be at least 1, not {n}")
+            raise ValueError(f"the {split} split must hold at least 1 record, not {n}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir}: a file, not a folder for the splits")
+        raise DataError(f"{out_dir}: a file, not a folder for the splits")
     paths = {s: os.path.join(out_dir, f"{s}.json") for s in SPLITS}
     for path in paths.values():  # refuse before spending a minute generating
         if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists (pass overwrite=True, or --overwrite, to replace it)")
+            raise FileExistsError(errno.EEXIST, "already exists (overwrite=True replaces it)", path)
     n = sum(settings["sizes"].values())
     if dataset == "prosqa":
         records = generate_prosqa(n, seed, progress=progress, **{**GENERATOR_DEFAULTS[dataset], **knobs})
@@ -549,9 +548,9 @@ def generator_settings(dataset, seed, sizes=None, **knobs):
 def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, asked=None, **knobs):
     """The paths of data_dir's three splits, generated on first use (ProsQA at the paper's size
     takes about 10 s). A folder that exists is used as it is, unless its generator.json says it
-    was made with other settings than those asked for (asked: the flags a user gave, as
-    {"n_train", "max_nodes", "data_seed", ...}; default all): then it is refused, rather than
-    silently training on other data."""
+    was made with other settings than those asked for (asked: the settings a user gave, as
+    {"n_train", "max_nodes", "seed", ...}; default all): then it is refused, rather than silently
+    training on other data."""
     paths = {s: os.path.join(data_dir, f"{s}.json") for s in SPLITS}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if len(missing) == len(paths):
@@ -566,15 +565,14 @@ def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, asked=
         made = generator_settings(made["dataset"], made["seed"], made["sizes"],
                                   **{k: v for k, v in made.items() if k not in ("dataset", "seed", "sizes")})
         now = generator_settings(dataset, seed, sizes, **knobs)
-        value = lambda s, flag: (s["seed"] if flag == "data_seed" else s["sizes"][flag[2:]]  # noqa: E731
-                                 if flag.startswith("n_") else s.get(flag))
-        flags = ["data_seed", *(f"n_{s}" for s in SPLITS), *GENERATOR_DEFAULTS["prosqa"]]
-        diff = [f"--{f.replace('_', '-')} {value(made, f)} (now {value(now, f)})" for f in flags
-                if (asked is None or f in asked) and value(made, f) != value(now, f)]
+        value = lambda s, key: s["sizes"][key[2:]] if key.startswith("n_") else s.get(key)  # noqa: E731
+        keys = ["seed", *(f"n_{s}" for s in SPLITS), *GENERATOR_DEFAULTS["prosqa"]]
+        diff = [f"{k} {value(made, k)} (now {value(now, k)})" for k in keys
+                if (asked is None or k in asked) and value(made, k) != value(now, k)]
         if made["dataset"] != dataset or diff:
             raise DataError(f"{data_dir} holds {made['dataset']} generated with other settings: "
-                            f"{', '.join(diff) or 'another dataset'}; pass another --data-dir, or delete that "
-                            f"folder to generate it anew")
+                            f"{', '.join(diff) or 'another dataset'}; use another folder, or delete that "
+                            f"one to generate it anew")
     return paths
 
 
@@ -608,54 +606,6 @@ def print_stats(path):
         print("  answers             " + "  ".join(f"{a}: {100 * c / len(records):.1f}%" for a, c in answers.items()))
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, refusing bad flags as every other bad input here is refused: one line on stderr,
-    exit status 1. Flags must be spelled out (no abbreviations), so that the flags a user gave
-    can be told from the defaults (given_flags)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        sys.exit(f"error: {message}")
-
-
-@contextmanager
-def errors_in_one_line():
-    """Bad input ends a command with one line on stderr and exit status 1, not a traceback. Every
-    refusal in this repository is a ValueError (DataError, CheckpointError, TrainError) or an
-    OSError (a file that cannot be read or written, weights that cannot be downloaded)."""
-    try:
-        yield
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-def counts(text):
-    """An argparse type: numbers of at least 0 separated by commas, e.g. 0,1,2."""
-    if not all(k.isdigit() for k in text.split(",")):
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 0,1,2, not {text}")
-    return [int(k) for k in text.split(",")]
-
-
-def bounded(kind, low, high=None):
-    """An argparse type: a number of the given kind, at least low (and at most high)."""
-    def parse(text):
-        x = kind(text)
-        if x < low or (high is not None and x > high):
-            limits = f"at least {low}" + (f" and at most {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {limits}, not {text}")
-        return x
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return parse
-
-
-def given_flags(argv):
-    """The flags written on the command line, as argparse names them: {"n_train", ...}."""
-    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-
-
 def main(argv=None):
     parser = ArgumentParser(description="Generate ProsQA / ProntoQA splits, convert GSM8k, or print a "
                                         "data file's statistics.")
@@ -673,38 +623,42 @@ def main(argv=None):
     parser.add_argument("--stats", metavar="FILE", help="print the statistics of a JSON data file")
     args = parser.parse_args(argv)
     sizes = {s: getattr(args, f"n_{s}") for s in SPLITS if getattr(args, f"n_{s}") is not None}
-    knobs = {k: getattr(args, k) for k in ("max_nodes", "min_steps", "max_steps") if getattr(args, k) is not None}
+    knobs = {k: getattr(args, k) for k in GENERATOR_DEFAULTS["prosqa"] if getattr(args, k) is not None}
     # every flag a task does not use is refused, rather than silently ignored
     task = "stats" if args.stats else args.dataset
     uses = {"stats": {"stats"}, "gsm8k": {"dataset", "source", "out", "overwrite"},
             "prontoqa": {"dataset", "out", "seed", "overwrite", "n_train", "n_valid", "n_test"}}
-    uses["prosqa"] = uses["prontoqa"] | {"max_nodes", "min_steps", "max_steps"}
+    uses["prosqa"] = uses["prontoqa"] | set(GENERATOR_DEFAULTS["prosqa"])
     if task is None:
         parser.error("give --dataset (with --out) or --stats FILE")
     given = {"source" if f == "from" else f for f in given_flags(sys.argv[1:] if argv is None else argv)}
-    for flag in sorted(given - uses[task]):
-        parser.error(f"--{'from' if flag == 'source' else flag.replace('_', '-')} does not apply to "
+    for name in sorted(given - uses[task]):
+        parser.error(f"{'--from' if name == 'source' else flag(name)} does not apply to "
                      f"{'--stats' if task == 'stats' else '--dataset ' + task}")
-    with errors_in_one_line():
-        if args.stats:
-            print_stats(args.stats)
-        elif args.dataset == "gsm8k":
-            if not args.source or not args.out:
-                parser.error("--dataset gsm8k needs --from FILE and --out DIR_OR_FILE.json")
-            out = args.out
-            if not out.endswith(".json"):  # a folder: keep the source's name, e.g. train.txt -> train.json
-                out = os.path.join(out, os.path.splitext(os.path.basename(args.source))[0] + ".json")
-            records = read_gsm8k(args.source)
-            for i, r in enumerate(records):  # the layout check, before anything is written
-                tokenize_record(r, i, args.source)
-            save_records(records, out, overwrite=args.overwrite)
-            print(f"wrote {len(records)} records to {out}")
-        elif args.dataset:
-            if not args.out:
-                parser.error(f"--dataset {args.dataset} needs --out DIR")
-            for split, path in make_splits(args.dataset, args.out, args.seed, sizes, args.overwrite,
-                                           progress=True, **knobs).items():
-                print(f"wrote {path}")
+    if task == "prosqa" and knobs.get("min_steps", 3) > knobs.get("max_steps", 6):
+        parser.error(f"--min-steps {knobs.get('min_steps', 3)} is more than --max-steps {knobs.get('max_steps', 6)}")
+    if task in ("gsm8k", "prosqa", "prontoqa") and not args.out or task == "gsm8k" and not args.source:
+        parser.error(f"--dataset {task} needs {'--from FILE and ' * (task == 'gsm8k')}--out "
+                     f"{'DIR_OR_FILE.json' if task == 'gsm8k' else 'DIR'}")
+    try:
+        with errors_in_one_line():
+            if args.stats:
+                print_stats(args.stats)
+            elif args.dataset == "gsm8k":
+                out = args.out
+                if not out.endswith(".json"):  # a folder: keep the source's name, e.g. train.txt -> train.json
+                    out = os.path.join(out, os.path.splitext(os.path.basename(args.source))[0] + ".json")
+                records = read_gsm8k(args.source)
+                for i, r in enumerate(records):  # the layout check, before anything is written
+                    tokenize_record(r, i, args.source)
+                save_records(records, out, overwrite=args.overwrite)
+                print(f"wrote {len(records)} records to {out}")
+            else:
+                for split, path in make_splits(args.dataset, args.out, args.seed, sizes, args.overwrite,
+                                               progress=True, **knobs).items():
+                    print(f"wrote {path}")
+    except FileExistsError as e:
+        parser.error(f"{e.filename}: already exists (pass --overwrite to replace it)")
 
 
 if __name__ == "__main__":

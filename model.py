@@ -1,7 +1,8 @@
 """
 GPT-2 in one file, in the style of nanoGPT (karpathy/nanoGPT), with what Coconut needs from it.
 
-Flow of the repository: data -> model -> coconut -> checkpoint -> train -> sample -> analyze.
+Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
+-> analyze -> sample.
 
 Beyond nanoGPT's model, this one takes
 - input embeddings instead of token ids (a continuous thought is a vector, not a token),
@@ -372,15 +373,11 @@ def read_gpt2_weights(name_or_path):
 def gpt2_tensors(raw, where, config_path=None):
     """(state_dict in our names, GPTConfig kwargs) from GPT-2 tensors in the Hugging Face layout:
     keys as GPT2LMHeadModel ("transformer.h.0.attn.c_attn.weight", ...) or GPT2Model ("h.0...")
-    names them, or, as the official Coconut code saves them, behind "base_causallm." with a second
-    copy of wte as "embedding.weight" (and "module." when saved from DDP). Attention-mask buffers
-    and the tied lm_head.weight are dropped, Conv1D weights left transposed. Sizes come from
-    config.json when there is one, else from the tensors (the head count from GPT-2's own sizes)."""
+    names them. Attention-mask buffers and the tied lm_head.weight are dropped, Conv1D weights
+    left transposed. Sizes come from config.json when there is one, else from the tensors (the
+    head count from GPT-2's own sizes)."""
     state_dict = {}
     for k, v in raw.items():
-        k = k.removeprefix("module.").removeprefix("base_causallm.")
-        if k == "embedding.weight":  # the official Coconut's handle on wte: the same tensor
-            continue
         # GPT2LMHeadModel prefixes "transformer.", GPT2Model (the Hub's openai-community files) does not
         k = "transformer." + k.removeprefix("transformer.")
         if k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight")):

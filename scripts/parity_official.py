@@ -62,7 +62,7 @@ def main():
         gpt.zero_grad()
         loss_official = official(**batch).loss
         loss_official.backward()
-        loss_ours, _ = ours(**batch)
+        loss_ours = ours(**batch)
         loss_ours.backward()
         hf_grads = {name: p.grad for name, p in hf.named_parameters()}
         worst = 0.0

@@ -15,14 +15,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from analyze import CATEGORIES, classify, heights, reached_in  # noqa: E402
-from bench import naive_thoughts  # noqa: E402
+from analyze import CATEGORIES, classify, heights, node_values, reached_in  # noqa: E402
 from checkpoint import Run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example  # noqa: E402
 from conftest import small_prosqa  # noqa: E402
-from data import children_of, encode, save_records, tokenize_record  # noqa: E402
+from data import Vocab, children_of, encode, save_records, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from sample import node_values  # noqa: E402
+from reference import naive_thoughts  # noqa: E402
 
 # Tom -> a, b, g; a -> c, f; b -> c, d; g -> d; c -> d; Ann -> e.  Target d (shortest: Tom-b-d and
 # Tom-g-d, 2 edges), other option e (reached from Ann only), f a dead end.
@@ -82,7 +81,7 @@ def test_node_values_equal_a_naive_recomputation():
                   steps=["Tom is a grimpus.", "Every grimpus is a sterpus."], answer="Tom is a sterpus.")
     tokens = tokenize_record(record)
     curriculum = Curriculum(c=1, max_latent_stage=2)
-    run = Run(Coconut(gpt), curriculum, stage=3, args=None, path="", epoch=0)
+    run = Run(Coconut(gpt), Vocab(), curriculum, stage=3)
     for k in (1, 2):
         values = node_values(run, [(tokens, record)], k, batch_size=3)[0]
         prompt = build_example(tokens, curriculum, 3, prompt_only=True, n_thoughts=k)["input_ids"] + encode("Every")

@@ -20,11 +20,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench import official_generate  # noqa: E402
 from checkpoint import CheckpointError, export_hf, load_model, load_run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
-from data import LATENT, make_splits, tokenize_record  # noqa: E402
+from data import LATENT, Vocab, make_splits, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from reference import official_generate  # noqa: E402
 
 # GPT-2's own width, so that the head count follows from the tensors (official files carry no config)
 SIZE = dict(n_layer=1, n_head=12, n_embd=768, block_size=128)
@@ -42,20 +42,22 @@ def official_state_dict(gpt, layout, dtype=torch.float32):
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     for i in range(gpt.config.n_layer):
         sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, SIZE["block_size"], SIZE["block_size"]))
-    if layout == "coconut":
+    if layout in ("coconut", "ddp-coconut"):
         sd = {"base_causallm." + k: v for k, v in sd.items()}
         sd["embedding.weight"] = sd["base_causallm.transformer.wte.weight"]
+    if layout == "ddp-coconut":  # saved from a DistributedDataParallel wrapper
+        sd = {"module." + k: v for k, v in sd.items()}
     return sd
 
 
-@pytest.mark.parametrize("layout", ["plain", "coconut"])
+@pytest.mark.parametrize("layout", ["plain", "coconut", "ddp-coconut"])
 @pytest.mark.parametrize("vocab_size", [50257, 50260])
 def test_official_checkpoints_load_to_the_same_logits(tmp_path, layout, vocab_size):
     gpt = source_model(vocab_size)
     path = str(tmp_path / "checkpoint_5")  # run.py's file name, no extension
     torch.save(official_state_dict(gpt, layout), path)
     loaded, vocab, info = load_model(path)
-    assert info == dict(official=layout == "coconut", vocab_size=vocab_size)
+    assert info == dict(official=layout != "plain", vocab_size=vocab_size)
     assert loaded.config.vocab_size == 50260 and vocab.ids is None  # Coconut's three tokens added
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -95,6 +97,12 @@ def test_exported_folder_loads_back_to_the_same_logits(tmp_path):
                                        "vocab.json"]
     with open(os.path.join(out, "added_tokens.json")) as f:
         assert json.load(f) == {"<|start-latent|>": 50257, "<|end-latent|>": 50258, "<|latent|>": 50259}
+    # GPT-2's tokenizer files under Hugging Face's names: the encoder (token -> id) and the merges
+    with open(os.path.join(out, "vocab.json")) as f:
+        encoder = json.load(f)
+    assert len(encoder) == 50257 and encoder["<|endoftext|>"] == 50256 and encoder["Every"] == 6109
+    with open(os.path.join(out, "merges.txt")) as f:
+        assert f.readline().startswith("#version") and f.readline() == "\u0120 t\n"
     idx = torch.randint(0, 50260, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = gpt(idx)[0]
@@ -126,8 +134,8 @@ def official(tmp_path_factory):
 
 def test_eval_sample_and_analyze_take_official_checkpoints(official):
     predictions = str(official["root"] / "predictions.jsonl")
-    r = run_script("train.py", "--eval", official["coconut"], "--method", "coconut", "--dataset", "prosqa",
-                   "--eval-file", official["test"], "--n-thoughts", "0,6", "--max-new-tokens", "4",
+    r = run_script("evaluate.py", official["coconut"], "--method", "coconut", "--dataset", "prosqa",
+                   "--file", official["test"], "--n-thoughts", "0,6", "--max-new-tokens", "4",
                    "--predictions", predictions)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "k=0  accuracy" in r.stdout and "k=6  accuracy" in r.stdout
@@ -139,13 +147,13 @@ def test_eval_sample_and_analyze_take_official_checkpoints(official):
     for row in rows:
         assert row["question"] == records[row["index"]]["question"] and row["answer"] == records[row["index"]]["answer"]
         assert isinstance(row["output"], str) and "<|" not in row["output"] and row["correct"] in (True, False)
-    r = run_script("train.py", "--eval", official["cot"], "--method", "cot", "--dataset", "prosqa",
-                   "--eval-file", official["test"], "--max-new-tokens", "4", "--predictions",
+    r = run_script("evaluate.py", official["cot"], "--method", "cot", "--dataset", "prosqa",
+                   "--file", official["test"], "--max-new-tokens", "4", "--predictions",
                    str(official["root"] / "cot.jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]
     with open(official["root"] / "cot.jsonl") as f:
         assert "k" not in json.loads(f.readline())
-    r = run_script("sample.py", "--ckpt", official["coconut"], "--method", "coconut", "--dataset", "prosqa",
+    r = run_script("sample.py", official["coconut"], "--method", "coconut", "--dataset", "prosqa",
                    "--file", official["test"], "--num", "1", "--max-new-tokens", "4")
     assert r.returncode == 0 and "thought 6: nodes" in r.stdout, r.stderr[-3000:]
     r = run_script("analyze.py", official["coconut"], "--method", "coconut", "--file", official["test"],
@@ -175,21 +183,21 @@ def test_bad_checkpoints_and_flags_are_refused(official, tmp_path):
     sd = official_state_dict(source_model(50257, seed=7), "plain")
     del sd["transformer.h.0.mlp.c_fc.weight"]
     torch.save(sd, missing)
-    full = [official["coconut"], "--method", "coconut", "--dataset", "prosqa", "--eval-file", official["test"]]
+    full = [official["coconut"], "--method", "coconut", "--dataset", "prosqa", "--file", official["test"]]
     cases = [
-        (["train.py", "--eval", official["coconut"], "--eval-file", official["test"]], "pass --method and --dataset"),
-        (["train.py", "--eval", official["coconut"], "--method", "cot", "--dataset", "prosqa"],
+        (["evaluate.py", official["coconut"], "--file", official["test"]], "pass --method and --dataset"),
+        (["evaluate.py", official["coconut"], "--method", "cot", "--dataset", "prosqa"],
          "--method cot: " + official["coconut"] + " is the official code's Coconut"),
-        (["train.py", "--eval", official["cot"], "--method", "coconut", "--dataset", "prosqa"],
+        (["evaluate.py", official["cot"], "--method", "coconut", "--dataset", "prosqa"],
          "has 50257 tokens, no <|latent|>"),
-        (["train.py", "--eval", other, "--method", "cot", "--dataset", "prosqa"], "other.pt: not a GPT-2 checkpoint"),
-        (["train.py", "--eval", missing, "--method", "cot", "--dataset", "prosqa"], "mlp.c_fc.weight"),
-        (["train.py", "--eval", *full, "--predictions", official["test"]], "exists already"),
-        (["sample.py", "--ckpt", official["coconut"], "--file", official["test"]], "pass --method and --dataset"),
+        (["evaluate.py", other, "--method", "cot", "--dataset", "prosqa"], "other.pt: not a GPT-2 checkpoint"),
+        (["evaluate.py", missing, "--method", "cot", "--dataset", "prosqa"], "mlp.c_fc.weight"),
+        (["evaluate.py", *full, "--predictions", official["test"]], "exists already"),
+        (["sample.py", official["coconut"], "--file", official["test"]], "pass --method and --dataset"),
         (["analyze.py", official["coconut"], "--file", official["test"]], "pass --method (e.g."),
-        (["train.py", "--export", official["coconut"], official["root"] / "data"], "not an empty folder"),
-        (["train.py", "--export", official["coconut"], str(tmp_path / "x"), "--method", "coconut"],
-         "--method does not apply to --export"),
+        (["checkpoint.py", official["coconut"], "--export", official["root"] / "data"], "not an empty folder"),
+        (["checkpoint.py", official["coconut"], "--export", str(tmp_path / "x"), "--method", "coconut"],
+         "unrecognized arguments: --method"),
     ]
     for args, expected in cases:
         before = sorted(os.listdir(official["root"] / "data"))
@@ -200,7 +208,6 @@ def test_bad_checkpoints_and_flags_are_refused(official, tmp_path):
 
 
 def test_a_data_vocabulary_model_is_not_exported(tmp_path):
-    from coconut import Vocab
     gpt = GPT(GPTConfig(vocab_size=10, n_layer=1, n_head=2, n_embd=16, block_size=32))
     ckpt = dict(model=gpt.state_dict(), model_args=dict(vocab_size=10, n_layer=1, n_head=2, n_embd=16,
                                                         block_size=32, dropout=0.0, bias=True),
@@ -217,3 +224,24 @@ def test_the_loaded_model_is_a_coconut_with_the_paper_recipe(official):
     assert isinstance(run.model, Coconut) and run.curriculum == Curriculum(method="cot", c=1, max_latent_stage=6,
                                                                            epochs_per_stage=5)
     assert run.args.max_new_tokens == 128 and run.epoch is None
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A write killed halfway (here torch.save raising after a few bytes) leaves the previous
+    checkpoint whole under its name, and no temporary file behind."""
+    from checkpoint import read_checkpoint, save_checkpoint
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(dict(epoch=1, weights=torch.ones(3)), path)
+
+    def killed_halfway(obj, f):
+        f = open(f, "wb") if isinstance(f, str) else f
+        f.write(b"PK\x03\x04 half a checkpoint")
+        f.flush()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(dict(epoch=2, weights=torch.zeros(3)), path)
+    monkeypatch.undo()
+    ckpt = read_checkpoint(path)
+    assert ckpt["epoch"] == 1 and torch.equal(ckpt["weights"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]

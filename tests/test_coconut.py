@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench import naive_thoughts, official_generate
-from coconut import Coconut, Curriculum, Vocab, build_example, collate, stage_layout
-from data import END_LATENT, EOS, LATENT, START_LATENT
+from analyze import thoughts_of
+from coconut import Coconut, Curriculum, build_example, collate, forward_passes, stage_layout
+from data import END_LATENT, EOS, LATENT, START_LATENT, Vocab
 from model import GPT, GPTConfig
+from reference import naive_thoughts, official_generate
 
 S, E, L = START_LATENT, END_LATENT, LATENT
 
@@ -31,6 +32,11 @@ def random_tokens(seed, n_steps):
     ids = lambda n: torch.randint(0, 50000, (n,), generator=g).tolist()  # noqa: E731
     q = ids(3 + seed % 4)
     return {"question": q, "steps": [ids(1 + (seed + i) % 3) for i in range(n_steps)], "answer": ids(2) + [EOS]}
+
+
+def logits_of(model, batch):
+    """The logits at every position of a batch, thoughts fed back."""
+    return model.gpt.lm_head(model.think(batch["input_ids"], batch["attention_mask"], batch["position_ids"]))
 
 
 def naive_loss_sum(gpt, example, detach=False, latent_id=LATENT):
@@ -53,7 +59,7 @@ def test_cached_multipass_loss_and_gradients_equal_naive_recompute():
     assert len({sum(t == L for t in e["input_ids"]) for e in examples}) >= 3  # really mixed
 
     gpt = tiny_gpt()
-    loss, logits = Coconut(gpt)(**collate(examples))
+    loss = Coconut(gpt)(**collate(examples))
     loss.backward()
 
     ref_gpt = tiny_gpt()
@@ -70,7 +76,7 @@ def test_gradient_flows_through_the_thoughts():
     """Cutting the feedback path (detaching thoughts) must change the gradient: it matters."""
     examples = [build_example(random_tokens(7, 3), Curriculum(c=1), stage=3)]
     gpt = tiny_gpt()
-    Coconut(gpt)(**collate(examples))[0].backward()
+    Coconut(gpt)(**collate(examples)).backward()
     with_feedback = gpt.transformer.h[0].mlp.c_fc.weight.grad.clone()
     ref_gpt = tiny_gpt()
     naive_loss_sum(ref_gpt, examples[0], detach=True)[0].backward()
@@ -82,9 +88,9 @@ def test_mixed_batch_equals_each_row_alone():
     gpt = tiny_gpt()
     model = Coconut(gpt)
     batch = collate(examples)
-    _, logits = model(**batch)
+    logits = logits_of(model, batch)
     for i, e in enumerate(examples):
-        _, alone = model(**collate([e]))
+        alone = logits_of(model, collate([e]))
         real = batch["attention_mask"][i].bool()
         torch.testing.assert_close(logits[i, real], alone[0], atol=1e-5, rtol=1e-5)
 
@@ -93,7 +99,7 @@ def test_stage_zero_equals_plain_gpt_loss():
     gpt = tiny_gpt()
     example = build_example(random_tokens(5, 3), Curriculum(method="cot"), stage=0)
     batch = collate([example])
-    loss, _ = Coconut(gpt)(**batch)
+    loss = Coconut(gpt)(**batch)
     logits, _ = gpt(batch["input_ids"])
     ref = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
     torch.testing.assert_close(loss, ref)
@@ -103,16 +109,16 @@ def test_pause_feeds_no_thoughts_back():
     """'pause as thought': <|latent|> is an ordinary token, so one plain pass of the GPT."""
     gpt = tiny_gpt()
     batch = collate([build_example(random_tokens(6, 3), Curriculum(method="pause"), stage=2)])
-    loss, _ = Coconut(gpt, feedback=False)(**batch)
+    loss = Coconut(gpt, feedback=False)(**batch)
     logits, _ = gpt(batch["input_ids"])
     ref = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
     torch.testing.assert_close(loss, ref)
 
 
 def generation_prompts():
-    cur = Curriculum(c=2, max_latent_stage=2, pad_latent_to_max=False)  # rows get 0, 2 or 4 thoughts
-    return [build_example(random_tokens(seed, n), cur, stage, prompt_only=True)["input_ids"]
-            for seed, n, stage in [(0, 3, 2), (1, 1, 3), (2, 3, 0), (3, 2, 1)]]
+    cur = Curriculum(c=2, max_latent_stage=2)  # rows get 0, 2 or 4 thoughts
+    return [build_example(random_tokens(seed, n), cur, 0, prompt_only=True, n_thoughts=k)["input_ids"]
+            for seed, n, k in [(0, 3, 4), (1, 1, 2), (2, 3, 0), (3, 2, 2)]]
 
 
 def test_batched_generation_equals_one_by_one():
@@ -126,7 +132,8 @@ def test_batched_generation_equals_one_by_one():
     model = Coconut(gpt)
     model.eos_id = eos_id
     batch = collate([{"input_ids": p, "labels": [-100] * len(p)} for p in prompts], for_generation=True)
-    answers, thoughts, n_passes = model.generate(**batch, max_new_tokens=8, return_thoughts=True)
+    answers = model.generate(**batch, max_new_tokens=8)
+    thoughts = thoughts_of(model, batch)
     assert answers == expected
     # each row's thoughts are the hidden states its <|latent|> slots were given
     for p, t in zip(prompts, thoughts):
@@ -137,9 +144,14 @@ def test_batched_generation_equals_one_by_one():
                 filled = naive_thoughts(gpt, p)[0]
             slots = [j for j, tok in enumerate(p) if tok == LATENT]
             torch.testing.assert_close(t, filled[slots], atol=1e-5, rtol=1e-5)
-    # passes: the prefix, one per thought column, then one per decoded token after the first
-    n_thought_cols = len({j for p in batch["input_ids"] for j, tok in enumerate(p.tolist()) if tok == LATENT})
-    assert n_passes == 1 + n_thought_cols + max(len(e) + 1 for e in expected) - 1
+    # forward passes, as the paper counts them, are the passes one question alone takes: counted here
+    calls = []
+    hidden = gpt.hidden
+    gpt.hidden = lambda *a, **k: calls.append(1) or hidden(*a, **k)
+    for p, e in zip(prompts, expected):
+        calls.clear()
+        assert model.generate(**collate([{"input_ids": p}], for_generation=True), max_new_tokens=8) == [e]
+        assert len(calls) == forward_passes(p.count(LATENT), len(e))
 
 
 def test_batched_generation_keeps_each_rows_positions():
@@ -162,15 +174,16 @@ def test_data_vocabulary_maps_ids_in_and_out():
     vocab = Vocab(ids)
     torch.manual_seed(0)
     small = GPT(GPTConfig(block_size=32, vocab_size=len(ids), n_layer=1, n_head=2, n_embd=16)).eval()
-    model = Coconut(small, vocab)
+    model = Coconut(small, latent_id=ids.index(L), eos_id=ids.index(EOS))
     mapped = lambda tokens: [ids.index(t) for t in tokens]  # noqa: E731
     example = {"input_ids": [10, 20, 30, S, L, E, 40, 50, EOS], "labels": [-100] * 6 + [40, 50, EOS]}
     loss_sum, count = naive_loss_sum(small, {"input_ids": mapped(example["input_ids"]),
                                              "labels": [-100] * 6 + mapped([40, 50, EOS])}, latent_id=ids.index(L))
-    torch.testing.assert_close(model(**collate([example]))[0], loss_sum / count)
+    torch.testing.assert_close(model(**collate([example], vocab=vocab)), loss_sum / count)
     prompt = [10, 20, 30, S, L, E]
     expected = official_generate(small, mapped(prompt), 5, eos_id=-1, latent_id=ids.index(L))
-    answer = model.generate(**collate([{"input_ids": prompt}], for_generation=True), max_new_tokens=5)
+    answer = [vocab.to_gpt2(a) for a in model.generate(**collate([{"input_ids": prompt}], for_generation=True,
+                                                                 vocab=vocab), max_new_tokens=5)]
     assert answer == [[ids[i] for i in expected]]
 
 
@@ -198,9 +211,7 @@ def test_coconut_layout_per_stage(stage, ids):
 def test_fewer_steps_than_stage():
     short = {"question": [1], "steps": [[3]], "answer": [7, EOS]}
     padded = build_example(short, Curriculum(c=1, max_latent_stage=3), stage=3)
-    assert padded["input_ids"] == [1, S, L, L, L, E, 7, EOS]  # pad_latent_to_max: the official default
-    unpadded = build_example(short, Curriculum(c=1, max_latent_stage=3, pad_latent_to_max=False), stage=3)
-    assert unpadded["input_ids"] == [1, S, L, E, 7, EOS]
+    assert padded["input_ids"] == [1, S, L, L, L, E, 7, EOS]  # the official code's pad_latent_to_max
 
 
 @pytest.mark.parametrize("method, stage, ids", [

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
 from conftest import small_prosqa  # noqa: E402
-from data import save_records  # noqa: E402
+from data import Vocab, save_records  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # a 1-layer model on 6-node graphs, three epochs: stage 0 (CoT), 1 (one thought), 2 (all steps gone).
@@ -227,17 +227,17 @@ def learned(tmp_path_factory):
 
 def test_a_model_that_knows_its_answers_scores_100_percent(learned):
     assert read_log(learned["run"])[-1]["test_acc"] == 1.0
-    r = run("train.py", "--eval", learned["run"], "--eval-file", learned["file"])
+    r = run("evaluate.py", learned["run"], "--file", learned["file"])
     assert r.returncode == 0 and "accuracy 100.0%" in r.stdout, r.stderr[-2000:]
     # the same questions with the other option as the gold answer: every one is then wrong
     names = lambda q, *keys: [q["idx_to_symbol"][q[k]] for k in keys]  # noqa: E731
     wrong = [dict(q, answer="{} is a {}.".format(*names(q, "root", "neg_target"))) for q in learned["records"]]
     path = os.path.join(os.path.dirname(learned["file"]), "wrong.json")
     save_records(wrong, path)
-    r = run("train.py", "--eval", learned["run"], "--eval-file", path)
+    r = run("evaluate.py", learned["run"], "--file", path)
     assert r.returncode == 0 and "accuracy 0.0%" in r.stdout, r.stderr[-2000:]
     # a model without thoughts is given none, by train.py and sample.py alike
-    for cmd in (["train.py", "--eval", learned["run"]], ["sample.py", "--ckpt", learned["run"]]):
+    for cmd in (["evaluate.py", learned["run"]], ["sample.py", learned["run"]]):
         r = run(*cmd, "--n-thoughts", "1")
         assert r.returncode == 1 and "a no-cot model has no thoughts" in r.stderr, r.stderr
 
@@ -250,9 +250,9 @@ def test_test_split_is_scored_with_the_best_checkpoint(tiny, tmp_path, monkeypat
     def fingerprint(state_dict):
         return round(sum(v.double().sum().item() for v in state_dict.values()), 5)
 
-    def stub(model, tokens, records, *rest, **kwargs):
+    def stub(run, questions, *rest, **kwargs):
         calls.append(1)
-        acc = [0.25, 0.75, 0.5][len(calls) - 1] if len(calls) <= 3 else fingerprint(model.gpt.state_dict())
+        acc = [0.25, 0.75, 0.5][len(calls) - 1] if len(calls) <= 3 else fingerprint(run.model.gpt.state_dict())
         return dict(acc=acc, tokens=1.0, passes=2.0, s_per_q=0.0), {}
     monkeypatch.setattr(train, "evaluate", stub)
     out = str(tmp_path / "out")
@@ -280,9 +280,8 @@ def test_micro_batches_are_weighed_by_their_share_of_the_batch():
     args = argparse.Namespace(batch_size=6, micro_batch_size=4, learning_rate=1.0, warmup_iters=0,
                                     grad_clip=0.0)
     optimizer = torch.optim.SGD(gpt.parameters(), lr=1.0)
-    train.train_epoch(model, model, optimizer, examples, list(range(6)), dict(opt_steps=0), args, "cpu",
-                      contextlib.nullcontext(), "test")
-    loss = sum(Coconut(reference)(**collate(part))[0] * len(part) / 6 for part in (examples[:4], examples[4:]))
+    train.train_epoch(model, Vocab(), optimizer, examples, train.Progress(), args, contextlib.nullcontext(), "test")
+    loss = sum(Coconut(reference)(**collate(part)) * len(part) / 6 for part in (examples[:4], examples[4:]))
     loss.backward()
     for (name, p), p0 in zip(gpt.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, p0 - p0.grad, msg=name)
@@ -343,7 +342,7 @@ def bad_inputs(tiny):
         ("no heads", ["--n-head", "0"], "--n-head: must be at least 1"),
         ("heads do not divide", ["--n-embd", "30", "--n-head", "4"], "--n-embd 30 is not a multiple of --n-head 4"),
         ("zero learning rate", ["--learning-rate", "0"], "--learning-rate: must be at least"),
-        ("thoughts without eval", ["--n-thoughts", "2"], "--n-thoughts goes with --eval"),
+        ("thoughts without evaluation", ["--n-thoughts", "2"], "unrecognized arguments: --n-thoughts 2"),
         ("curriculum of cot", ["--method", "cot"], "--c changes nothing for cot"),
         ("curriculum of no-curriculum", ["--method", "no-curriculum"],
          "--epochs-per-stage changes nothing for no-curriculum"),
@@ -432,53 +431,53 @@ def test_diverging_run_stops_clearly_before_saving_nan_weights(tiny, tmp_path):
 
 
 def test_eval_only_prints_accuracy_and_k_sweep(tiny, tmp_path):
-    r = run(script("train.py"), "--eval", tiny["run"], cwd=tmp_path)  # from another folder
+    r = run(script("evaluate.py"), tiny["run"], cwd=tmp_path)  # from another folder
     assert r.returncode == 0, r.stderr[-3000:]
     final = read_log(tiny["run"])[-1]  # measured by the training run on the same file
     assert f"accuracy {100 * final['test_acc']:.1f}%  tokens {final['test_tokens']:.1f}" in r.stdout
-    r = run("train.py", "--eval", os.path.join(tiny["run"], "best.pt"), "--eval-file",
+    r = run("evaluate.py", os.path.join(tiny["run"], "best.pt"), "--file",
             os.path.join(tiny["data"], "valid.json"), "--n-thoughts", "0,2", "--max-new-tokens", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if "accuracy" in line]
     assert lines[0].startswith("k=0") and lines[1].startswith("k=2") and "forward passes" in lines[1]
     # one new token at most (the thoughts are counted as tokens too)
     assert float(lines[0].split("tokens ")[1].split()[0]) <= 1 and float(lines[1].split("tokens ")[1].split()[0]) <= 3
-    for extra, expected in [(["--eval", tiny["out"]], f"pass one of them, e.g. {tiny['run']}"),
-                            (["--eval", tiny["run"], "--n-thoughts", "1,a"], "--n-thoughts: expected numbers"),
-                            (["--eval", tiny["run"], "--n-thoughts", "-1"], "not -1"),
-                            (["--eval", tiny["run"], "--epochs", "3"], "--epochs does not apply to --eval")]:
-        r = run("train.py", *extra)
+    for extra, expected in [([tiny["out"]], f"pass one of them, e.g. {tiny['run']}"),
+                            ([tiny["run"], "--n-thoughts", "1,a"], "--n-thoughts: expected numbers"),
+                            ([tiny["run"], "--n-thoughts", "-1"], "not -1"),
+                            ([tiny["run"], "--epochs", "3"], "unrecognized arguments: --epochs 3")]:
+        r = run("evaluate.py", *extra)
         assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
 
 
 def test_a_moved_run_is_evaluated_and_sampled_from_anywhere(tiny, tmp_path):
     moved = str(tmp_path / "elsewhere")
     shutil.copytree(tiny["run"], moved)
-    assert run(script("train.py"), "--eval", moved, cwd=tmp_path).returncode == 0
-    assert run(script("sample.py"), "--ckpt", moved, "--num", "1", cwd=tmp_path).returncode == 0
+    assert run(script("evaluate.py"), moved, cwd=tmp_path).returncode == 0
+    assert run(script("sample.py"), moved, "--num", "1", cwd=tmp_path).returncode == 0
     # data that moved too: the message says which flag to pass
     test_file = os.path.join(tiny["data"], "test.json")
     os.rename(test_file, test_file + ".away")
     try:
-        r = run("train.py", "--eval", moved)
-        assert r.returncode == 1 and "--eval-file" in r.stderr and test_file in r.stderr, r.stderr
-        r = run("sample.py", "--ckpt", moved)
+        r = run("evaluate.py", moved)
+        assert r.returncode == 1 and "--file" in r.stderr and test_file in r.stderr, r.stderr
+        r = run("sample.py", moved)
         assert r.returncode == 1 and "--file" in r.stderr, r.stderr
     finally:
         os.rename(test_file + ".away", test_file)
 
 
 def test_sample_shows_thoughts_and_answers(tiny, tmp_path):
-    r = run("sample.py", "--ckpt", tiny["run"], "--index", "0,1", "--max-new-tokens", "4")
+    r = run("sample.py", tiny["run"], "--index", "0,1", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Q: ") == 2 and r.stdout.count("thought 1: ") == 2 and r.stdout.count("A: ") == 2
-    for extra, expected in [(["--ckpt", str(tmp_path / "nope.pt")], "nope.pt"),
-                            (["--ckpt", tiny["run"], "--question", "Is Tom a wumpus?", "--index", "1"],
+    for extra, expected in [([str(tmp_path / "nope.pt")], "nope.pt"),
+                            ([tiny["run"], "--question", "Is Tom a wumpus?", "--index", "1"],
                              "--question and --index do not go together"),
-                            (["--ckpt", tiny["run"], "--device", "foo"], "--device foo"),
-                            (["--ckpt", tiny["run"], "--n-thoughts", "500"], "--n-thoughts 500"),
-                            (["--ckpt", tiny["run"], "--n-thoughts", "-1"], "--n-thoughts"),
-                            (["--ckpt", tiny["run"], "--index", "99"], "--index 99")]:
+                            ([tiny["run"], "--device", "foo"], "--device foo"),
+                            ([tiny["run"], "--n-thoughts", "500"], "--n-thoughts 500"),
+                            ([tiny["run"], "--n-thoughts", "-1"], "--n-thoughts"),
+                            ([tiny["run"], "--index", "99"], "--index 99")]:
         r = run("sample.py", *extra)
         assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
 
@@ -547,3 +546,69 @@ def test_kill_9_of_a_parallel_run_leaves_no_trainer_behind(tiny):
     while any(os.path.exists(f"/proc/{p}") for p in trainers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(os.path.exists(f"/proc/{p}") for p in trainers)
+
+
+def test_each_epoch_sees_its_own_batch_order(tiny, tmp_path, monkeypatch):
+    """The data order of an epoch depends on (seed, epoch): two epochs of one stage see the same
+    examples in different orders, and a second run with the same seed sees the same orders again
+    (which --resume relies on). The examples each epoch is trained on are recorded by a stub."""
+    orders = []
+
+    def record(model, vocab, optimizer, examples, progress, args, ctx, desc):
+        orders.append([tuple(e["input_ids"]) for e in examples])
+        return 1.0, 1, 1.0, args.learning_rate
+    monkeypatch.setattr(train, "train_epoch", record)
+    args = [*without(ONE_STAGE, "--epochs-per-stage"), "--data-dir", tiny["data"], "--method", "coconut",
+            "--stage", "1", "--epochs-per-stage", "2"]
+    for name in ("a", "b"):
+        train.main([*args, "--out-dir", str(tmp_path / name)])
+    first, second, again_first, again_second = orders
+    assert sorted(first) == sorted(second) and len(first) == 24
+    assert first != second
+    assert (again_first, again_second) == (first, second)
+
+
+def test_bf16_autocast_is_used_on_a_cpu_too_and_resume_may_change_dtype(tiny, tmp_path):
+    """--dtype bfloat16 is honoured off CUDA (the losses differ from float32's), and a finished
+    float32 run may be resumed with another --dtype, the very advice of the non-finite-gradient error."""
+    from common import setup_device
+    _, ctx = setup_device("cpu", "bfloat16")
+    with ctx:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    out = str(tmp_path / "out")
+    r = run("train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", out, "--method", "coconut", "--dtype",
+            "bfloat16", "--epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    bf16, fp32 = read_log(os.path.join(out, "coconut"))[0], read_log(tiny["run"])[0]
+    assert bf16["train_loss"] != fp32["train_loss"] and abs(bf16["train_loss"] - fp32["train_loss"]) < 0.05
+    r = run("train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", tiny["out"], "--method", "coconut",
+            "--resume", "--dtype", "bfloat16")
+    assert r.returncode == 0 and "already finished" in r.stdout, r.stderr[-2000:]
+
+
+def test_resume_knows_its_data_by_content_not_by_path(tiny, tmp_path):
+    """Moved data resumes; changed data under the same path is refused, and nothing is touched."""
+    moved = str(tmp_path / "moved-data")
+    shutil.copytree(tiny["data"], moved)
+    r = run("train.py", *TINY, "--data-dir", moved, "--out-dir", tiny["out"], "--method", "coconut", "--resume")
+    assert r.returncode == 0 and "already finished" in r.stdout, r.stderr[-2000:]
+    with open(os.path.join(moved, "valid.json")) as f:
+        records = json.load(f)
+    save_records(records[::-1], os.path.join(moved, "valid.json"), overwrite=True)  # the same records, reordered
+    before = snapshot(tiny["run"])
+    r = run("train.py", *TINY, "--data-dir", moved, "--out-dir", tiny["out"], "--method", "coconut", "--resume")
+    assert r.returncode == 1 and "valid.json is not the valid data" in r.stderr and r.stderr.count("\n") == 1
+    assert snapshot(tiny["run"]) == before
+
+
+def test_a_bug_keeps_its_traceback(tiny, tmp_path):
+    """Only the project's own refusals become one-line errors: a ValueError raised from inside the
+    model (a bug, not a user's mistake) reaches the user with its traceback."""
+    script = (f"import sys; sys.path.insert(0, {ROOT!r}); import model\n"
+              "def broken(*args, **kwargs):\n    raise ValueError('a bug inside the model')\n"
+              "model.GPT.hidden = broken\nimport train\n"
+              f"train.main({[*SINGLE_STAGE, '--data-dir', tiny['data'], '--out-dir', str(tmp_path / 'out'), '--method', 'cot']!r})")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1
+    assert "Traceback (most recent call last)" in r.stderr and "ValueError: a bug inside the model" in r.stderr
+    assert "in broken" in r.stderr  # where it was raised

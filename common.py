@@ -1,0 +1,153 @@
+"""
+What every command of the repository shares: refusing bad input in one line, argument types,
+atomic file writes, and the device (with torchrun's processes, when there are several).
+
+Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
+-> analyze -> sample; this module serves them all.
+
+torch is imported inside the device functions only, so that data.py, which uses the rest, stays
+free of it.
+"""
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager, nullcontext
+
+# -----------------------------------------------------------------------------
+# Bad input: one line on stderr and exit status 1. Anything else is a bug and keeps its traceback.
+
+class InputError(ValueError):
+    """A problem with what the user gave (a flag, a file, a record). Its message names the culprit;
+    the command line prints it as one line. The project's other errors subclass it."""
+
+
+@contextmanager
+def errors_in_one_line():
+    try:
+        yield
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, refusing bad flags as every other bad input is refused: one line on stderr, exit
+    status 1. Flags must be spelled out (no abbreviations), so that the flags a user gave can be
+    told from the defaults (given_flags)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
+def given_flags(argv):
+    """The flags written on the command line, as argparse names them: {"n_train", ...}."""
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def flag(name):
+    """How a user writes a setting: n_train -> --n-train."""
+    return "--" + name.replace("_", "-")
+
+
+def counts(text):
+    """An argparse type: numbers of at least 0 separated by commas, e.g. 0,1,2."""
+    if not all(k.isdigit() for k in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 0,1,2, not {text}")
+    return [int(k) for k in text.split(",")]
+
+
+def bounded(kind, low, high=None):
+    """An argparse type: a number of the given kind, at least low (and at most high)."""
+    def parse(text):
+        x = kind(text)
+        if x < low or (high is not None and x > high):
+            limits = f"at least {low}" + (f" and at most {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {limits}, not {text}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+def write_atomic(path, write):
+    """Write a file under a temporary name in its folder, then rename it: a kill never leaves a
+    half-written file under the real name. write(f) writes into the binary file f. The one writer
+    of every file the repository makes (data splits, checkpoints, logs)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot be made ({e.strerror or e})") from None
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # same disk: atomic
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):  # no permission, no space left: the user's to fix
+            raise InputError(f"{path}: cannot be written ({e.strerror or e})") from None
+        raise
+
+
+def write_jsonl(rows, path):
+    """One JSON line per row (a run's log, an analysis' data), written atomically."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+# -----------------------------------------------------------------------------
+# Device, and the processes of torchrun
+
+ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+master = rank == 0  # the process that writes files and prints
+
+
+def barrier():
+    if ddp:
+        import torch
+        torch.distributed.barrier()
+
+
+def pick_device(name):
+    """--device as torch names it: auto is cuda, then mps, then cpu; others must exist here."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, mps)") from None
+    if (device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count())
+            or device.type == "mps" and not torch.backends.mps.is_available()):
+        raise InputError(f"--device {name}: not available on this machine")
+    return name
+
+
+def setup_device(name="auto", dtype="auto", threads=None):
+    """(device, autocast context) for --device, --dtype and --threads; under torchrun each process
+    takes its own GPU. bf16 autocast: asked for, or by default on a GPU that has it."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    if ddp:
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    else:
+        device = pick_device(name)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+    return device, ctx

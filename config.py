@@ -1,0 +1,176 @@
+"""
+The configuration of a training run: the paper's recipe per dataset, the presets, and train.py's
+flags, parsed and checked (as nanoGPT keeps configurator.py beside its train.py).
+
+Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
+-> analyze -> sample.
+
+Every flag that would change nothing is refused rather than ignored: which curriculum flags a
+method uses is found by asking coconut.py (ignored_flags), not written down a second time.
+"""
+
+import os
+import random
+import sys
+from dataclasses import fields, replace
+
+from coconut import METHODS, Curriculum, build_example
+from common import ArgumentParser, bounded, ddp, flag, given_flags, world
+from data import SPLITS
+
+# The paper's training recipe per dataset (Section 4.1 and the official configs): thoughts per
+# step, latent stages, epochs, and the greedy decoding budget of its evaluation.
+PAPER_RECIPE = {
+    "prosqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
+    "prontoqa": dict(c=1, max_latent_stage=6, epochs_per_stage=5, epochs=50, max_new_tokens=128),
+    "gsm8k": dict(c=2, max_latent_stage=3, epochs_per_stage=3, epochs=25, max_new_tokens=64),
+}
+
+# Presets replace the defaults of many flags at once; any flag given explicitly still wins.
+PRESETS = {
+    # A tiny GPT from scratch on small generated ProsQA graphs (at most 7 nodes, answers 2-3 steps
+    # away): the three methods of Table 1, trained side by side, one process and one thread each,
+    # so that two cores serve three runs. Every stage gets one epoch of 12,000 questions: many
+    # distinct questions teach these models more than many passes over few, which they memorize.
+    # Coconut mixes in other stages (uniform_prob), as the paper's analysis model: it can then
+    # finish a chain in language after any number of thoughts, which analyze.py needs.
+    "cpu": dict(dataset="prosqa", name="cpu-small", data_dir="data/prosqa-small",
+                method="coconut,cot,no-cot", jobs=3, threads=1, init="scratch", vocab="data",
+                n_layer=2, n_head=4, n_embd=128, block_size=256, dropout=0.0, n_train=12000,
+                n_valid=200, n_test=500, max_nodes=7, min_steps=2, max_steps=3, c=1,
+                max_latent_stage=3, epochs_per_stage=1, epochs=5, uniform_prob=0.3, batch_size=16,
+                micro_batch_size=16, learning_rate=2e-3, warmup_iters=50, grad_clip=1.0,
+                max_new_tokens=48, eval_batch_size=100),
+}
+# Flags a resumed run may change: where things are (a run or its data may move; the data is
+# compared by content) and how the machine runs it. Every other flag must match the run's.
+RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "eval_batch_size",
+                 "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset", "given"}
+SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+GRAPH_FLAGS = ("max_nodes", "min_steps", "max_steps")  # ProsQA's generator only
+GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "data_seed", *GRAPH_FLAGS}
+CURRICULUM_FLAGS = tuple(f.name for f in fields(Curriculum) if f.name != "method")
+
+
+def get_args(argv=None):
+    """train.py's flags: defaults, then the preset's, then the user's; checked (check_args)."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = ArgumentParser(description="Train Coconut (or a baseline), then score it on the test split.")
+    count, natural, share = bounded(int, 1), bounded(int, 0), bounded(float, 0.0, 1.0)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults, e.g. cpu")
+    p.add_argument("--dataset", default="prosqa", choices=sorted(PAPER_RECIPE))
+    p.add_argument("--method", default="coconut", help=f"{', '.join(METHODS)}; or several, comma-separated")
+    p.add_argument("--stage", default="all", help="all: the curriculum; N: stage N alone (README, Stages)")
+    p.add_argument("--init", default="gpt2", help="gpt2[-medium|-large|-xl], scratch, a run, a checkpoint")
+    g = p.add_argument_group("model (--init scratch; default GPT-2 124M's size)")
+    for name in SIZE_FLAGS:
+        g.add_argument(flag(name), type=count)
+    g.add_argument("--vocab", default="full", choices=["full", "data"], help="data: the data's tokens only")
+    p.add_argument("--dropout", type=share, default=0.1, help="0.1, as the official code")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="{train,valid,test}.json, generated once (default data/<dataset>)")
+    for split in SPLITS:
+        g.add_argument(f"--{split}-file"), g.add_argument(f"--n-{split}", type=count)
+    g.add_argument("--max-nodes", type=bounded(int, 4), help="ProsQA graph size (paper: 28)")
+    g.add_argument("--min-steps", type=count), g.add_argument("--max-steps", type=count)
+    g.add_argument("--data-seed", type=int, default=0)
+    g = p.add_argument_group("curriculum (default: the paper's for the dataset)")
+    g.add_argument("--c", type=natural, help="thoughts per reasoning step")
+    g.add_argument("--max-latent-stage", type=natural)
+    g.add_argument("--epochs-per-stage", type=count), g.add_argument("--epochs", type=count)
+    g.add_argument("--uniform-prob", type=share, default=0.0, help="chance of a random stage per example")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=count, default=128, help="micro-batch x accumulation x processes")
+    g.add_argument("--micro-batch-size", type=count, default=16)
+    g.add_argument("--learning-rate", type=bounded(float, 1e-12), default=1e-4)
+    g.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.01)
+    g.add_argument("--warmup-iters", type=natural, default=0, help="linear warm-up after each reset")
+    g.add_argument("--grad-clip", type=bounded(float, 0.0), default=0.0, help="0: off, as the paper")
+    g.add_argument("--reset-optimizer", choices=["stage", "epoch"], default="stage")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--max-new-tokens", type=count, help="greedy decoding budget (paper: 128, GSM8k 64)")
+    g.add_argument("--eval-batch-size", type=count, default=32)
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", help="runs go to <out-dir>/<method> (default out/<name or dataset>)")
+    g.add_argument("--name"), g.add_argument("--resume", action="store_true")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
+    g.add_argument("--threads", type=count), g.add_argument("--compile", action="store_true")
+    g.add_argument("--jobs", type=count, default=1, help="methods trained at once, in a process each")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    args, given = p.parse_args(argv), given_flags(argv)
+    args.given = sorted(given | set(PRESETS.get(args.preset, {})))  # what the user (or preset) asked for
+    for k, v in PAPER_RECIPE[args.dataset].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    args.out_dir = args.out_dir or os.path.join("out", args.name or args.dataset)
+    args.methods = args.method.split(",")
+    check_args(p, args, given)
+    return args
+
+
+def check_args(p, args, given):
+    """Refuse what cannot be meant, and every flag that would be silently ignored."""
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    if args.stage != "all":
+        if not args.stage.isdigit():
+            p.error(f"--stage must be 'all' or a number, not {args.stage!r}")
+        args.stage = int(args.stage)
+    for m in args.methods:
+        try:  # the curriculum knows each method's stages
+            curriculum_of(args, m).schedule(args.stage, args.epochs)
+        except ValueError as e:
+            p.error(f"--stage {args.stage}: {e}")
+    if args.init != "scratch":
+        for name in sorted(given & {*SIZE_FLAGS, "vocab"}):
+            p.error(f"{flag(name)} is for --init scratch: --init {args.init} brings its own")
+    elif (args.n_embd or 768) % (args.n_head or 12):
+        p.error(f"--n-embd {args.n_embd or 768} is not a multiple of --n-head {args.n_head or 12}")
+    if any(getattr(args, f"{s}_file") for s in SPLITS) or args.dataset == "gsm8k":
+        for name in sorted(given & GENERATOR_FLAGS):
+            p.error(f"{flag(name)} is a setting of the generated data, not of "
+                    f"{'GSM8k' if args.dataset == 'gsm8k' else 'given --train/valid/test-file'}")
+    for name in sorted(given & set(GRAPH_FLAGS)):
+        if args.dataset != "prosqa":
+            p.error(f"{flag(name)} is a setting of the ProsQA generator, not of {args.dataset}'s")
+    if args.dataset == "prosqa" and (args.min_steps or 3) > (args.max_steps or 6):
+        p.error(f"--min-steps {args.min_steps or 3} is more than --max-steps {args.max_steps or 6}")
+    for name in CURRICULUM_FLAGS:
+        if name in given and all(name in ignored_flags(args, m) for m in args.methods):
+            p.error(f"{flag(name)} changes nothing for {args.method}")
+    if "epochs" in given and args.stage != "all":
+        p.error("--epochs is the length of --stage all; --stage N trains for --epochs-per-stage epochs")
+    if "jobs" in given and args.jobs > 1 and (len(args.methods) == 1 or ddp):
+        p.error("--jobs trains several --method side by side, in one process each (not under torchrun)")
+    if args.batch_size % (args.micro_batch_size * world):
+        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
+                f"{args.micro_batch_size} x {world} processes")
+    if "name" in given and "out_dir" in given:
+        p.error("--name names a folder under out/: give it or --out-dir, not both")
+
+
+def curriculum_of(args, method):
+    """The curriculum that train.py's flags (or a run's saved flags) describe."""
+    return Curriculum(method, **{name: getattr(args, name) for name in CURRICULUM_FLAGS})
+
+
+# an example with three steps, whose layout every curriculum flag may change
+PROBE = {"question": [1], "steps": [[2], [3], [4]], "answer": [5]}
+
+
+def ignored_flags(args, method):
+    """The curriculum flags that change nothing for a method: with the flag changed, its stages,
+    its schedule and its examples at each of its stages (with stage mixing) stay the same."""
+    def trace(curriculum):
+        rng = random.Random(0)
+        examples = [build_example(PROBE, curriculum, s, rng) for s in curriculum.stages for _ in range(8)]
+        return curriculum.stages, curriculum.schedule(args.stage, 12), examples
+    base = replace(curriculum_of(args, method), uniform_prob=0.5)
+    other = dict(c=base.c + 1, max_latent_stage=base.max_latent_stage + 1,
+                 epochs_per_stage=base.epochs_per_stage + 1, uniform_prob=0.0)
+    return {name for name in CURRICULUM_FLAGS if trace(base) == trace(replace(base, **{name: other[name]}))}

@@ -1,0 +1,170 @@
+"""
+Ask a trained model the questions of a file, and grade its answers as the paper does.
+
+Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
+-> analyze -> sample.
+
+    python evaluate.py out/prosqa/coconut                               # its test split
+    python evaluate.py out/prosqa/coconut --n-thoughts 0,1,2,3,4,5,6    # the paper's sweep of k
+    python evaluate.py checkpoint_50 --method coconut --dataset prosqa --file data/prosqa/test.json
+
+It prints the accuracy, the generated tokens (thoughts counted, as the paper counts them), the
+forward passes and the time per question; --predictions writes each question's output, gold
+answer and verdict. The commands that take a trained model (this one, sample.py, analyze.py) take
+it the same way: the flags of model_flags, then open_run and read_questions.
+"""
+
+import os
+import time
+
+import torch
+
+from checkpoint import UnknownRecipe, WrongMethod, load_run
+from coconut import build_example, collate, forward_passes
+from common import (ArgumentParser, InputError, bounded, counts, ddp, errors_in_one_line, flag, pick_device,
+                    rank, setup_device, world, write_jsonl)
+from config import PAPER_RECIPE
+from data import LATENT, DataError, decode, grade, read_records, tokenize_record
+
+
+def check_fits(tokens, path, curriculum, stages, block_size, vocab, n_thoughts=()):
+    """Every record must fit the context at every stage it will see (and its prompt with each of
+    n_thoughts thoughts, leaving room for an answer), in tokens the model knows."""
+    for i, t in enumerate(tokens):
+        n = max(len(build_example(t, curriculum, s)["input_ids"]) for s in stages)
+        if n > block_size:
+            raise DataError(f"{path}: record {i} is {n} tokens long, more than the model's context of "
+                            f"{block_size} (a model with a larger context, or shorter examples)")
+        for k in n_thoughts:
+            n = len(build_example(t, curriculum, stages[0], prompt_only=True, n_thoughts=k)["input_ids"])
+            if n >= block_size:
+                raise DataError(f"{path}: with {k} thoughts the prompt of record {i} would be {n} tokens, "
+                                f"leaving no room for an answer in the model's context of {block_size}")
+        unknown = [x for x in t["question"] + sum(t["steps"], []) + t["answer"] if not vocab.knows(x)]
+        if unknown:
+            raise DataError(f"{path}: record {i} has the token {decode(unknown[:1])!r}, which this model's "
+                            f"vocabulary (the tokens of the files it was trained on) does not hold")
+
+
+@torch.no_grad()
+def evaluate(run, questions, ctx, batch_size, max_new_tokens, n_thoughts=None):
+    """Greedy answers to questions (dict(records, tokens), as data.load_split gives them), graded
+    as the paper does. Returns the metrics: accuracy, mean generated tokens (thoughts included),
+    forward passes (coconut.forward_passes) and seconds per question; and each question's answer,
+    {index: dict(output, correct)}. Prompts are sorted by length: batches carry little padding.
+    Under torchrun each process answers its share of the questions."""
+    model, device = run.model.eval(), next(run.model.parameters()).device
+    prompts = [build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=n_thoughts)
+               for t in questions["tokens"]]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))[rank::world]
+    sums = torch.zeros(4, dtype=torch.float64)  # correct, tokens, passes, questions
+    outputs, t0 = {}, time.time()
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        batch = collate([prompts[j] for j in idx], for_generation=True, device=device, vocab=run.vocab)
+        with ctx:
+            answers = model.generate(**batch, max_new_tokens=max_new_tokens)
+        for j, ids in zip(idx, answers):
+            text = decode(run.vocab.to_gpt2(ids))
+            outputs[j] = dict(output=text, correct=grade(text, questions["records"][j]["answer"]))
+            n_latent = prompts[j]["input_ids"].count(LATENT)
+            passes = forward_passes(n_latent, len(ids), model.feedback)
+            sums += torch.tensor([outputs[j]["correct"], len(ids) + n_latent, passes, 1], dtype=torch.float64)
+    if ddp:
+        sums = sums.to(device)
+        torch.distributed.all_reduce(sums)
+    correct, n_tokens, n_passes, n = sums.tolist()
+    seconds = (time.time() - t0) * world
+    return dict(acc=correct / n, tokens=n_tokens / n, passes=n_passes / n, s_per_q=seconds / n), outputs
+
+
+# -----------------------------------------------------------------------------
+# What every command that takes a trained model shares
+
+def model_flags(p, dataset=True, default_run=None):
+    """The flags of a trained model and its questions, spelled alike in every command."""
+    p.add_argument("run", nargs="?" if default_run else None, help="a run folder or checkpoint (ours, or the "
+                   f"official code's: then --method and --dataset){f'; default: {default_run}' if default_run else ''}")
+    p.add_argument("--file", help="an official-format JSON file of questions (default: the run's test file)")
+    p.add_argument("--n-thoughts", type=counts, help="thoughts per question, e.g. 0,1,2 (default: as trained)")
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), help="greedy decoding budget (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cpu, cuda:1")
+    p.add_argument("--method", help="for a checkpoint trained elsewhere: its method, e.g. coconut")
+    if dataset:
+        p.add_argument("--dataset", choices=sorted(PAPER_RECIPE), help="... and its dataset")
+
+
+def open_run(path, args, dataset=None):
+    """load_run with the command's flags, its refusals worded in them."""
+    try:
+        return load_run(path, pick_device(args.device), args.method, dataset or args.dataset)
+    except UnknownRecipe as e:
+        raise InputError(f"{e}: pass {' and '.join(map(flag, e.missing))} (e.g. --method coconut "
+                         f"--dataset prosqa)") from None
+    except WrongMethod as e:
+        raise InputError(f"--method {args.method}: {e}") from None
+
+
+def read_questions(run, path=None, n_thoughts=None, check=None):
+    """The questions of a file, dict(path, records, tokens) (path None: the run's test file),
+    checked to fit the run's model, also with each number of thoughts in n_thoughts, and by
+    check(record, where) if given."""
+    if path is None:
+        path = run.args.test_file
+        if path is None:
+            raise InputError(f"{run.path} comes without a test file: pass --file FILE")
+        if not os.path.exists(path):
+            raise InputError(f"{path}: the run's test file is gone (moved?): pass --file FILE")
+    if n_thoughts is not None and not run.curriculum.markers:
+        raise InputError(f"--n-thoughts: a {run.curriculum.method} model has no thoughts")
+    records = read_records(run.args.dataset, path)
+    for i, r in enumerate(records):
+        if check:
+            check(r, f"{path}: record {i}")
+    tokens = [tokenize_record(r, i, path) for i, r in enumerate(records)]
+    fits = lambda ks: check_fits(tokens, path, run.curriculum, [run.stage], run.model.gpt.config.block_size,  # noqa: E731
+                                 run.vocab, ks)
+    fits(())
+    for k in n_thoughts or ():
+        try:
+            fits([k])
+        except DataError as e:
+            raise InputError(f"--n-thoughts {k}: {e}") from None
+    return dict(path=path, records=records, tokens=tokens)
+
+
+def main(argv=None):
+    p = ArgumentParser(description="Answer the questions of a file with a trained model, graded as the paper does.")
+    model_flags(p)
+    p.add_argument("--predictions", metavar="FILE", help="each question's output, gold answer and verdict, as jsonl")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="questions answered at once")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
+    p.add_argument("--threads", type=bounded(int, 1), help="CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if ddp:
+        p.error("evaluate.py runs in one process: python evaluate.py ..., not under torchrun")
+    if args.predictions and os.path.exists(args.predictions):
+        p.error(f"--predictions {args.predictions}: exists already; name a new file")
+    with errors_in_one_line():
+        device, ctx = setup_device(args.device, args.dtype, args.threads)
+        run = open_run(args.run, args)
+        questions = read_questions(run, args.file, args.n_thoughts)
+    trained = f"epoch {run.epoch}" if run.epoch else "trained elsewhere"
+    print(f"{run.path}: {run.curriculum.method}, stage {run.stage}, {trained}; {questions['path']}: "
+          f"{len(questions['records'])} questions")
+    predictions = []
+    for k in args.n_thoughts or [None]:
+        r, outputs = evaluate(run, questions, ctx, args.batch_size, args.max_new_tokens or run.args.max_new_tokens,
+                              n_thoughts=k)
+        print(f"{'' if k is None else f'k={k}  '}accuracy {100 * r['acc']:.1f}%  tokens {r['tokens']:.1f}  "
+              f"forward passes {r['passes']:.1f}  {r['s_per_q'] * 1000:.1f} ms/question")
+        predictions += [dict(index=i, **({} if k is None else dict(k=k)), question=questions["records"][i]["question"],
+                             output=outputs[i]["output"], answer=questions["records"][i]["answer"],
+                             correct=outputs[i]["correct"]) for i in sorted(outputs)]
+    if args.predictions:
+        write_jsonl(predictions, args.predictions)
+        print(f"wrote {len(predictions)} predictions to {args.predictions}")
+
+
+if __name__ == "__main__":
+    main()
