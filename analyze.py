@@ -21,8 +21,14 @@ The results go to RUN's folder, in analysis-<data folder>-<file name>/ (e.g. ana
    language, "Every": the value of a node is the probability of its name there (the product over
    its tokens). Frontier nodes are split into those that can still reach the target and those
    that cannot, by height.
+   The frontier test: how often the top-valued node of all is a frontier node, against chance.
 3. Parallelism (Figure 8): the summed value of the top-1, top-2, top-3 frontier nodes.
-4. A worked example (Figures 6-7): one question's graph, its node values and its outputs at each k.
+4. Do the thoughts carry the answer? The model is asked for the answer right after its thoughts
+   ("###" follows <|end-latent|>) with (a) its own thoughts, (b) no thought slots at all, (c) each
+   thought replaced by the same thought of another question, (d) each replaced by a random vector
+   of the same norm. The ablation of arXiv 2604.04902 and 2604.06374, which found (b) as good as
+   (a) for GPT-2 on the paper's ProsQA.
+5. A worked example (Figures 6-7): one question's graph, its node values and its outputs at each k.
 
 Where the paper is silent, we decided (the README says why):
 - k thoughts stand for k hidden steps (c = 1, as for ProsQA): a partial path is valid when its
@@ -34,6 +40,7 @@ Where the paper is silent, we decided (the README says why):
   both, the figure uses the longest (the paper's captions; its text says the shortest).
 """
 
+import json
 import os
 import re
 import time
@@ -44,9 +51,9 @@ import torch
 from torch.nn import functional as F
 
 from checkpoint import load_run, runs_in
-from coconut import build_example, collate
-from common import ArgumentParser, InputError, bounded, errors_in_one_line, pick_device, write_jsonl
-from data import bfs, check_graph, children_of, encode, grade
+from coconut import build_example, collate, stage_layout
+from common import ArgumentParser, InputError, bounded, errors_in_one_line, pick_device, write_atomic, write_jsonl
+from data import bfs, check_graph, children_of, decode, encode, grade
 from evaluate import evaluate, model_flags, open_run, read_questions
 
 CATEGORIES = ("Correct Path", "Longer Path", "Hallucination", "Wrong Target", "Correct Label",
@@ -89,6 +96,45 @@ def node_values(run, questions, k, batch_size=256):
         for (q, node), value in zip(rows[i:i + batch_size], logp.exp().tolist()):
             values[q][node] = value
     return values
+
+
+ABLATIONS = ("(a) its thoughts", "(b) no thoughts", "(c) another question's", "(d) random, same norm")
+
+
+@torch.no_grad()
+def ablations(run, questions, batch_size, k):
+    """{ablation: accuracy} of the answer asked for right after k thoughts: the model's own, none
+    (no slots), those of the next question in the file (k-th for k-th), or random vectors of the
+    same norm (a fixed generator, so that the table repeats)."""
+    answer_start = encode("###")
+    prompts = [build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=k)["input_ids"] + answer_start
+               for t in questions["tokens"]]
+    no_slots = [build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=0)["input_ids"] + answer_start
+                for t in questions["tokens"]]
+    device = run.model.gpt.lm_head.weight.device
+    batches = [range(i, min(i + batch_size, len(prompts))) for i in range(0, len(prompts), batch_size)]
+    batch_of = lambda rows, p: collate([{"input_ids": p[i]} for i in rows], for_generation=True, device=device,  # noqa: E731
+                                       vocab=run.vocab)
+    own = torch.cat([torch.stack(thoughts_of(run.model, batch_of(rows, prompts))) for rows in batches])
+    other = own.roll(-1, dims=0)  # question i gets the thoughts of question i + 1
+    noise = torch.Generator(device=device).manual_seed(0)
+
+    def random_like(t):
+        r = torch.randn(t.shape, generator=noise, device=device)
+        return r * t.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True)
+    variants = {ABLATIONS[0]: (prompts, None), ABLATIONS[1]: (no_slots, None),
+                ABLATIONS[2]: (prompts, lambda rows: lambda j, t: other[list(rows), j]),
+                ABLATIONS[3]: (prompts, lambda rows: lambda j, t: random_like(t))}
+    accuracy = {}
+    for name, (inputs, swap) in variants.items():
+        correct = 0
+        for rows in batches:
+            answers = run.model.generate(**batch_of(rows, inputs), max_new_tokens=32,
+                                         intervene=swap(rows) if swap else None)
+            correct += sum(grade(decode(run.vocab.to_gpt2(a)), questions["records"][i]["answer"])
+                           for i, a in zip(rows, answers))
+        accuracy[name] = correct / len(prompts)
+    return accuracy
 
 
 @torch.no_grad()
@@ -194,20 +240,41 @@ def ksweep(run, questions, ks, references, args):
 
 
 def value_tables(run, questions, args):
-    """Node values after thoughts 1 and 2: one row per frontier node, and per question the
-    frontier's values, largest first ({thought: {question: [values]}})."""
-    rows, tops, records, tokens = [], {}, questions["records"], questions["tokens"]
+    """Node values after thoughts 1 and 2: one row per frontier node, per question the frontier's
+    values, largest first ({thought: {question: [values]}}), and the frontier test
+    ({thought: frontier_hits(...)})."""
+    rows, tops, hits, records, tokens = [], {}, {}, questions["records"], questions["tokens"]
     for k in (1, 2):
-        questions = [q for q, r in enumerate(records) if bfs(children_of(r), r["root"])[0][r["target"]] > k]
+        analysed = [q for q, r in enumerate(records) if bfs(children_of(r), r["root"])[0][r["target"]] > k]
         # thought k stands for k hidden steps: k * c thoughts (c = 1 for ProsQA)
-        values = node_values(run, [(tokens[q], records[q]) for q in questions], k * run.curriculum.c, args.batch_size)
-        k_rows, tops[k] = frontier_rows(records, dict(zip(questions, values)), k)
+        values = node_values(run, [(tokens[q], records[q]) for q in analysed], k * run.curriculum.c, args.batch_size)
+        k_rows, tops[k] = frontier_rows(records, dict(zip(analysed, values)), k)
+        hits[k] = frontier_hits(records, dict(zip(analysed, values)), k)
         rows += k_rows
-    return rows, tops
+    return rows, tops, hits
 
 
-def print_values(rows, tops):
+def frontier_hits(records, values, k):
+    """On the questions analysed after thought k (values: {question: {node: value}}) whose frontier
+    has two nodes or more: (questions, how often the top-valued node of all is in the frontier,
+    how often by chance: the sum of frontier size / nodes valued)."""
+    n, hits, chance = 0, 0, 0.0
+    for q, vals in values.items():
+        r = records[q]
+        front = {v for v, d in bfs(children_of(r), r["root"])[0].items() if d == k}
+        if len(front) >= 2:
+            n += 1
+            hits += max(vals, key=vals.get) in front
+            chance += len(front & set(vals)) / len(vals)
+    return n, hits, chance
+
+
+def print_values(rows, tops, hits):
     print("\n## Values of frontier nodes (paper Figures 7 and 9)\n")
+    for k, (n, hit, chance) in hits.items():
+        print(f"After thought {k}, the top-valued node is a frontier node (one of those {k} step{'s' * (k > 1)} from "
+              f"the root) on {hit} of the {n} questions whose frontier has 2 nodes or more (chance: {chance:.0f}).")
+    print()
     print("Mean value of the nodes k steps from the root after thought k, by whether they can still reach "
           "the target, and by height (shortest / longest distance to a leaf).\n")
     print("| thought | height | kind | reach the target: n, mean value | cannot: n, mean value |")
@@ -356,11 +423,16 @@ def main(argv=None):
     args.max_new_tokens = args.max_new_tokens or run.args.max_new_tokens
     t0 = time.time()
     table, sweep_rows = ksweep(run, questions, ks, references, args)
-    value_rows, tops = value_tables(run, questions, args)
+    value_rows, tops, hits = value_tables(run, questions, args)
+    k_trained = stage_layout(run.curriculum, run.stage, 0)[1]  # the thoughts of its prompts
+    ablated = ablations(run, questions, args.batch_size, k_trained)
     print(f"{run.path}: {run.curriculum.method}, stage {run.stage}; {path}: {len(records)} questions; "
           f"analysed in {time.time() - t0:.0f} s")
     print_ksweep(table, len(records))
-    print_values(value_rows, tops)
+    print_values(value_rows, tops, hits)
+    print(f"\n## Do the thoughts carry the answer? The answer asked for at once after {k_trained} thoughts\n")
+    print("| " + " | ".join(ablated) + " |\n|" + "---|" * len(ablated))
+    print("| " + " | ".join(f"{100 * a:.1f}%" for a in ablated.values()) + " |")
     example = args.example if args.example is not None else max(
         tops[1], key=lambda q: (len(tops[1][q]), q in tops[2], -q), default=0)
     worked_example(example, records, sweep_rows, value_rows)
@@ -371,8 +443,11 @@ def main(argv=None):
             {k: r[k] for k in ("node", "value", "correct", "height_short", "height_long")})
     write_jsonl([dict(index=q, thought=k, frontier=nodes) for (q, k), nodes in sorted(by_question.items())],
                 os.path.join(out, "values.jsonl"))
+    summary = dict(accuracy={label: row["accuracy"] for label, row in table.items()}, ablations=ablated,
+                   frontier={k: dict(zip(("questions", "hits", "chance"), h)) for k, h in hits.items()})
+    write_atomic(os.path.join(out, "summary.json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
     figures(table, value_rows, tops, out)
-    print(f"\nwrote ksweep.png, values.png, parallelism.png, ksweep.jsonl and values.jsonl to {out}")
+    print(f"\nwrote ksweep.png, values.png, parallelism.png, ksweep.jsonl, values.jsonl and summary.json to {out}")
 
 
 def print_ksweep(table, n):

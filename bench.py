@@ -1,29 +1,45 @@
 """
-Speed of coconut.py, measured side by side in one run (ratios, since a shared machine is noisy).
+Speed of the training loop and of generation, measured side by side in one run (ratios, since a
+shared machine is noisy), and the time the paper's ProsQA schedule would take here.
 
-1. Training step: Coconut with 6 continuous thoughts (7 passes, sharing one KV cache) against
-   the same model's plain forward + backward over the same tokens (one pass, thoughts not fed back).
-2. Generation on 64 ProsQA prompts with 6 thoughts: our batched, KV-cached generate against the
-   official algorithm (one question at a time, every new token recomputing the whole sequence).
-   The baseline is slow, so it runs on the first --baseline-prompts prompts and its time is scaled
-   to 64; both must give the same tokens there.
+1. Training. At each stage, train.py's own loop (train_epoch: varying-length batches, the device's
+   micro-batch and bf16 autocast on a GPU) in tokens/s; at the last stage also one fixed batch:
+   Coconut's step (its thoughts fed back: 7 passes at stage 6 and beyond) against a plain step
+   over the same tokens (one pass, thoughts not fed back), whose ratio is what thoughts cost.
+2. Generation of 64 ProsQA answers with 6 thoughts: our batched, KV-cached generate against the
+   official algorithm (one question at a time, every new token recomputing the whole sequence,
+   tests/reference.py), timed on --baseline-prompts prompts and scaled; both give the same tokens.
+3. The paper's ProsQA schedule (17,886 questions, 5 epochs at each of stages 0-6, then stage 7
+   until epoch 50): the loop's time from the tokens/s of each stage, and saving a checkpoint
+   (model, optimizer) once per epoch. Validation and test are not included.
 
-Run: python bench.py            (GPT-2 small size, random weights, on whatever device is present)
-     python bench.py --size tiny (a quick look)
+Run: python bench.py                 (on a GPU: GPT-2 124M's size, random weights, batch 128;
+                                      on a CPU: the CPU preset's model and batch)
+     python bench.py --size gpt2 --batch-size 128 --only train
 """
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
 
 import torch
 
 import data
-from coconut import Coconut, Curriculum, build_example, collate
+from checkpoint import coconut_of, save_checkpoint
+from coconut import Curriculum, build_example, collate
+from common import setup_device
 from model import GPT, GPTConfig
 from tests.reference import official_generate
+from train import Progress, train_epoch
 
-SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "tiny": dict(n_layer=2, n_head=4, n_embd=128)}
+SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2 124M, OpenAI's vocabulary
+         "tiny": dict(n_layer=2, n_head=4, n_embd=128)}  # the CPU preset's model, the data's vocabulary
+SCHEDULE = [min(e // 5, 7) for e in range(50)]  # the stage of each of the paper's 50 ProsQA epochs
+N_QUESTIONS = 17886  # ProsQA's training split
 
 
 def timed(fn):
@@ -36,71 +52,130 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def bench_training(gpt, tokens, batch_size, repeats):
-    batch = collate([build_example(t, Curriculum(), stage=6) for t in tokens[:batch_size]],
-                    device=gpt.lm_head.weight.device)
-    n_thoughts = int((batch["input_ids"][0] == data.LATENT).sum())
-    coconut, plain = Coconut(gpt), Coconut(gpt, feedback=False)
+def bench_loop(run, tokens, stage, args, ctx):
+    """tokens/s of train.py's loop at a stage, over args.steps batches of varying length (after
+    one step of warm-up)."""
+    examples = [build_example(t, run.curriculum, stage) for t in tokens]
+    optimizer = run.model.gpt.configure_optimizers(0.01, 1e-4, device_type=args.device.split(":")[0])
+    loop_args = SimpleNamespace(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                                learning_rate=1e-4, warmup_iters=0, grad_clip=0.0)
+    with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):  # no progress lines
+        train_epoch(run.model, run.vocab, optimizer, examples[:args.batch_size], Progress(), loop_args, ctx, "")
+        part = examples[args.batch_size:args.batch_size * (args.steps + 1)]
+        _, n_tokens, seconds, _ = train_epoch(run.model, run.vocab, optimizer, part, Progress(), loop_args, ctx, "")
+    return n_tokens / seconds
+
+
+def bench_step(run, tokens, ctx, args):
+    """Seconds of one optimizer-free training step on one fixed micro-batch at the last stage:
+    Coconut's, and a plain one over the same tokens (the thoughts not fed back: one pass)."""
+    batch = collate([build_example(t, run.curriculum, 7) for t in tokens[:args.micro_batch_size]],
+                    device=args.device, vocab=run.vocab)
+    plain = coconut_of(run.model.gpt, run.vocab, Curriculum(method="pause"))
 
     def step(model):
-        gpt.zero_grad(set_to_none=True)
-        model(**batch).backward()
+        run.model.gpt.zero_grad(set_to_none=True)
+        with ctx:
+            loss = model(**batch)
+        loss.backward()
 
-    step(coconut), step(plain)  # warm-up
+    step(run.model), step(plain)  # warm-up
     t_plain, t_coconut = [], []
-    for _ in range(repeats):  # interleaved, so that both see the same machine load
+    for _ in range(args.repeats):  # interleaved, so that both see the same machine load
         t_plain.append(timed(lambda: step(plain)))
-        t_coconut.append(timed(lambda: step(coconut)))
-    t_plain, t_coconut = statistics.median(t_plain), statistics.median(t_coconut)
-    B, T = batch["input_ids"].shape
-    print(f"training step, batch {B} x {T} tokens, {n_thoughts} thoughts per row:")
-    print(f"  plain forward+backward   {t_plain * 1000:8.0f} ms")
-    print(f"  Coconut forward+backward {t_coconut * 1000:8.0f} ms   ratio {t_coconut / t_plain:.2f}x")
+        t_coconut.append(timed(lambda: step(run.model)))
+    return statistics.median(t_coconut), statistics.median(t_plain), int(batch["attention_mask"].sum())
 
 
-def bench_generation(gpt, tokens, n_prompts, baseline_prompts, max_new_tokens):
-    prompts = [build_example(t, Curriculum(), stage=6, prompt_only=True)["input_ids"] for t in tokens[:n_prompts]]
-    batch = collate([{"input_ids": p} for p in prompts], for_generation=True, device=gpt.lm_head.weight.device)
-    model = Coconut(gpt)
+def bench_generation(run, tokens, args, ctx):
+    prompts = [build_example(t, run.curriculum, 7, prompt_only=True)["input_ids"] for t in tokens[:64]]
+    batch = collate([{"input_ids": p} for p in prompts], for_generation=True, device=args.device, vocab=run.vocab)
+    run.model.eval()
     ours, baseline = [], []
-    t_ours = timed(lambda: ours.extend(model.generate(**batch, max_new_tokens=max_new_tokens)))
-    t_base = timed(lambda: baseline.extend(official_generate(gpt, p, max_new_tokens)
-                                           for p in prompts[:baseline_prompts]))
-    t_base = t_base / baseline_prompts * len(prompts)
+    with ctx:
+        run.model.generate(**batch, max_new_tokens=2)  # warm-up
+        t_ours = timed(lambda: ours.extend(run.model.generate(**batch, max_new_tokens=args.max_new_tokens)))
+    mapped = [run.vocab.to_model(p) for p in prompts[:args.baseline_prompts]]
+    eos, latent = run.vocab.to_model([data.EOS, data.LATENT])
+    t_base = timed(lambda: baseline.extend(official_generate(run.model.gpt, p, args.max_new_tokens, eos, latent)
+                                           for p in mapped))
+    t_base = t_base / args.baseline_prompts * len(prompts)
     same = sum(a == b for a, b in zip(ours, baseline))
-    print(f"generation, {len(prompts)} ProsQA prompts with 6 thoughts, up to {max_new_tokens} new tokens:")
-    print(f"  official one-by-one, no cache {t_base:8.1f} s  (timed on {baseline_prompts} prompts, scaled)")
-    print(f"  batched with KV cache         {t_ours:8.1f} s   speed-up {t_base / t_ours:.1f}x")
+    print(f"\ngeneration, {len(prompts)} ProsQA prompts with 6 thoughts, up to {args.max_new_tokens} new tokens:")
+    print(f"  official one-by-one, no cache {t_base:8.2f} s  (timed on {args.baseline_prompts} prompts, scaled)")
+    print(f"  batched with KV cache         {t_ours:8.2f} s   speed-up {t_base / t_ours:.1f}x")
     print(f"  same tokens on {same}/{len(baseline)} compared prompts")
 
 
+def bench_checkpoint(run):
+    """Seconds to save the model and an AdamW state, as train.py does after every epoch."""
+    optimizer = run.model.gpt.configure_optimizers(0.01, 1e-4, device_type="cpu" if not torch.cuda.is_available()
+                                                   else "cuda")
+    for p in run.model.gpt.parameters():  # AdamW's moments exist after a first step
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "ckpt.pt")
+        seconds = timed(lambda: save_checkpoint(dict(model=run.model.gpt.state_dict(),
+                                                     optimizer=optimizer.state_dict()), path))
+        return seconds, os.path.getsize(path)
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=SIZES, default="gpt2", help="model size (random weights)")
-    parser.add_argument("--only", choices=["train", "generate"], help="run one of the two benchmarks")
-    parser.add_argument("--batch-size", type=int, default=4, help="rows in the training batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed training steps per variant")
-    parser.add_argument("--baseline-prompts", type=int, default=8, help="prompts the slow baseline runs on")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); on a busy "
-                        "machine 1 thread is steadier, as Coconut's many small passes wait on stalled threads")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=SIZES, help="model size, random weights (default: gpt2 on a GPU, else tiny)")
+    p.add_argument("--batch-size", type=int, help="rows per optimizer step (default: 128 on a GPU, else 16)")
+    p.add_argument("--micro-batch-size", type=int, help="default: as train.py's on this device")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps timed per stage")
+    p.add_argument("--stages", default="0,1,2,3,4,5,6,7", help="the stages whose loop is timed")
+    p.add_argument("--only", choices=["train", "generate"], help="run one of the benchmarks")
+    p.add_argument("--repeats", type=int, default=3, help="timed fixed steps per variant")
+    p.add_argument("--baseline-prompts", type=int, default=8, help="prompts the slow baseline runs on")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    args = p.parse_args()
+    args.device, ctx = setup_device(args.device, "auto", args.threads)
+    gpu = args.device.startswith("cuda")
+    args.size = args.size or ("gpt2" if gpu else "tiny")
+    args.batch_size = args.batch_size or (128 if gpu else 16)
+    args.micro_batch_size = args.micro_batch_size or (min(64, args.batch_size) if gpu else 16)
+    stages = [int(s) for s in args.stages.split(",")]
 
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=data.N_VOCAB, **SIZES[args.size])).to(args.device)
-    # ProsQA at the paper's size; random weights never say eos, so every prompt decodes all its tokens
-    tokens = [data.tokenize_record(r) for r in data.generate_prosqa(64, seed=0)]
-    print(f"device {args.device}, {torch.get_num_threads()} threads, model {args.size} "
-          f"({gpt.get_num_params() / 1e6:.0f}M parameters)")
+    # ProsQA at the paper's settings; random weights never say eos, so every prompt decodes all its tokens
+    n = args.batch_size * (args.steps + 1)
+    tokens = [data.tokenize_record(r) for r in data.generate_prosqa(max(n, 2000), seed=0)]
+    vocab = data.Vocab.of(tokens) if args.size == "tiny" else data.Vocab()
+    gpt = GPT(GPTConfig(vocab_size=vocab.size, dropout=0.1, **SIZES[args.size])).to(args.device)
+    run = SimpleNamespace(model=coconut_of(gpt, vocab, Curriculum()), vocab=vocab, curriculum=Curriculum())
+    print(f"device {args.device}, {torch.get_num_threads()} CPU threads, model {args.size} "
+          f"({gpt.get_num_params() / 1e6:.1f}M parameters), batch {args.batch_size} in micro-batches of "
+          f"{args.micro_batch_size}, {'bf16 autocast' if gpu else 'float32'}")
     if args.only in (None, "train"):
-        gpt.train()
-        bench_training(gpt, tokens, args.batch_size, args.repeats)
+        print(f"\ntraining loop (train_epoch), {args.steps} steps of varying length per stage:")
+        speed = {}
+        for s in stages:
+            speed[s] = bench_loop(run, tokens, s, args, ctx)
+            print(f"  stage {s}: {speed[s]:9.0f} tokens/s")
+        t_coconut, t_plain, n_tokens = bench_step(run, tokens, ctx, args)
+        print(f"\none fixed micro-batch of {args.micro_batch_size} at stage 7 ({n_tokens} tokens, 6 thoughts), "
+              f"forward and backward:")
+        print(f"  plain step (one pass)       {t_plain * 1000:8.1f} ms  {n_tokens / t_plain:9.0f} tokens/s")
+        print(f"  Coconut step (7 passes)     {t_coconut * 1000:8.1f} ms  {n_tokens / t_coconut:9.0f} tokens/s"
+              f"   ratio {t_coconut / t_plain:.2f}x")
+        if 7 in speed:
+            print(f"  train.py's loop at stage 7  {speed[7] / (n_tokens / t_plain):8.2f}x the plain step's tokens/s")
+        if set(stages) == set(range(8)):
+            epoch_tokens = {s: sum(len(build_example(t, run.curriculum, s)["input_ids"]) for t in tokens)
+                            / len(tokens) * N_QUESTIONS for s in stages}
+            loop = sum(epoch_tokens[s] / speed[s] for s in SCHEDULE)
+            save, size = bench_checkpoint(run)
+            print(f"\nthe paper's ProsQA schedule (50 epochs of {N_QUESTIONS} questions) at these speeds: "
+                  f"{loop / 3600:.2f} hours of training loop, plus {50 * save / 60:.1f} minutes saving a "
+                  f"{size / 1e9:.2f} GB checkpoint after each epoch ({save:.1f} s each); validation not included")
     if args.only in (None, "generate"):
-        gpt.eval()
-        bench_generation(gpt, tokens, 64, args.baseline_prompts, args.max_new_tokens)
+        bench_generation(run, tokens, args, ctx)
 
 
 if __name__ == "__main__":

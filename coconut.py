@@ -114,7 +114,7 @@ def build_example(tokens, curriculum, stage, rng=None, prompt_only=False, n_thou
     return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
 
 
-def collate(examples, for_generation=False, device="cpu", vocab=None):
+def collate(examples, for_generation=False, device="cpu", vocab=None, pad_to=None):
     """Pad a list of examples into tensors of the model's token ids (vocab maps them from GPT-2's):
     input_ids, labels, attention_mask, position_ids.
 
@@ -123,16 +123,22 @@ def collate(examples, for_generation=False, device="cpu", vocab=None):
     same length, so that all rows continue from the last column.
     Position ids restart at 0 after the left pads; pads are eos with attention 0 and label -100
     (a generation batch has no labels, so that it can be passed as Coconut.generate(**batch)).
+    pad_to: round the first <|latent|> column (or the prompt length) and the length up to a multiple
+    of it; by default 64 on a GPU, whose attention kernels are planned per shape, so that a run sees
+    a handful of shapes instead of one per batch; 1 elsewhere, where padding only costs.
     """
     vocab = vocab or Vocab()
+    pad_to = pad_to or (64 if torch.device(device).type == "cuda" else 1)
     if for_generation:
         longest = max(len(e["input_ids"]) for e in examples)
+        longest += -longest % pad_to
         left = [longest - len(e["input_ids"]) for e in examples]
     else:
         firsts = [e["input_ids"].index(LATENT) if LATENT in e["input_ids"] else None for e in examples]
         align = max((f for f in firsts if f is not None), default=0)
-        left = [0 if f is None else align - f for f in firsts]
+        left = [(-align % pad_to) + (0 if f is None else align - f) for f in firsts]
     T = max(pad + len(e["input_ids"]) for pad, e in zip(left, examples))
+    T += -T % pad_to
     B = len(examples)
     batch = {"input_ids": torch.full((B, T), vocab.to_model([EOS])[0], dtype=torch.long),
              "labels": torch.full((B, T), -100, dtype=torch.long),
@@ -167,9 +173,10 @@ class Coconut(nn.Module):
         super().__init__()
         self.gpt, self.latent_id, self.eos_id, self.feedback = gpt, latent_id, eos_id, feedback
 
-    def think(self, input_ids, attention_mask, position_ids, cache=None):
+    def think(self, input_ids, attention_mask, position_ids, cache=None, intervene=None):
         """Final hidden states (B, T, C) of every position, each <|latent|> position fed the
-        hidden state of the position before it.
+        hidden state of the position before it. intervene(k, thoughts), if given, returns the (B, C)
+        vectors written in instead of the k-th column of thoughts (analyze.py's ablations).
 
         The columns are cut into segments that each start at a column where some row has a
         <|latent|>; so when a segment runs, the thought it needs (the last hidden state of the
@@ -192,6 +199,8 @@ class Coconut(nn.Module):
             x = token_embeds[:, a:b]
             if hidden:  # write the thought in, for the rows that think in column a
                 thought = hidden[-1][:, -1]
+                if intervene is not None:
+                    thought = intervene(len(hidden) - 1, thought)
                 first = torch.where(is_latent[:, a, None], thought, x[:, 0])
                 x = torch.cat([first[:, None], x[:, 1:]], dim=1)
             hidden.append(self.gpt.hidden(embeds=x, position_ids=position_ids[:, a:b],
@@ -209,22 +218,27 @@ class Coconut(nn.Module):
         return F.cross_entropy(logits.float(), targets[supervised])
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, position_ids, max_new_tokens):
+    def generate(self, input_ids, attention_mask, position_ids, max_new_tokens, intervene=None):
         """Greedy answers to a left-padded batch of prompts (question, then any markers and
         <|latent|> slots): runs the thoughts, then decodes with the KV cache, each row stopping at
         its own eos. Returns per row the list of new token ids (prompt and eos excluded)."""
         B = input_ids.size(0)
         cache = KVCache()
-        hidden = self.think(input_ids, attention_mask, position_ids, cache)
+        hidden = self.think(input_ids, attention_mask, position_ids, cache, intervene)
         next_position = position_ids[:, -1] + 1
+        # decode until every row has its eos, or the longest row fills the context; on a GPU, asking
+        # whether all rows are done makes the CPU wait, so it asks every 8 tokens (rows that are done
+        # only add eos, cut below)
+        n_steps = min(max_new_tokens, self.gpt.config.block_size - int(next_position.max()) + 1)
+        check_every = 8 if input_ids.is_cuda else 1
         logits = self.gpt.lm_head(hidden[:, -1])
         new_tokens = []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        for step in range(n_steps):
             token = torch.where(done, self.eos_id, logits.argmax(dim=-1))
             new_tokens.append(token)
             done |= token == self.eos_id
-            if done.all() or int(next_position.max()) >= self.gpt.config.block_size:
+            if step == n_steps - 1 or (step + 1) % check_every == 0 and done.all():
                 break
             h = self.gpt.hidden(token[:, None], position_ids=next_position[:, None], cache=cache)
             logits = self.gpt.lm_head(h[:, -1])

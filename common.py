@@ -148,6 +148,12 @@ def setup_device(name="auto", dtype="auto", threads=None):
         device = pick_device(name)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # attention by the flash and memory-efficient kernels only: cuDNN's plans a kernel for every
+        # new sequence length (measured on an H200: 170 ms for a new length, 45 ms for a known one),
+        # and every batch and thought pass here has a length of its own; the math one is slow
+        if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
     bf16 = dtype == "bfloat16" or (dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported())
     ctx = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
     return device, ctx

@@ -47,7 +47,7 @@ PRESETS = {
 RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "eval_batch_size",
                  "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset", "given"}
 SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
-GRAPH_FLAGS = ("max_nodes", "min_steps", "max_steps")  # ProsQA's generator only
+GRAPH_FLAGS = ("max_nodes", "min_steps", "max_steps", "names", "other_option", "min_root_children")  # ProsQA's
 GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "data_seed", *GRAPH_FLAGS}
 CURRICULUM_FLAGS = tuple(f.name for f in fields(Curriculum) if f.name != "method")
 
@@ -73,7 +73,13 @@ def get_args(argv=None):
         g.add_argument(f"--{split}-file"), g.add_argument(f"--n-{split}", type=count)
     g.add_argument("--max-nodes", type=bounded(int, 4), help="ProsQA graph size (paper: 28)")
     g.add_argument("--min-steps", type=count), g.add_argument("--max-steps", type=count)
+    g.add_argument("--names", choices=["paper", "short"], help="ProsQA names: the paper's, or one token each")
+    g.add_argument("--other-option", choices=["any", "same-depth"], help="ProsQA's wrong option: any leaf of "
+                   "another person (the paper's), or one as far from it as the answer from the root")
+    g.add_argument("--min-root-children", type=count, help="ProsQA: the root has at least this many (paper: 1)")
     g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument("--fresh-data", action="store_true", help="every epoch after the first trains on new "
+                   "questions from the generator of --data-dir (never a validation or test one)")
     g = p.add_argument_group("curriculum (default: the paper's for the dataset)")
     g.add_argument("--c", type=natural, help="thoughts per reasoning step")
     g.add_argument("--max-latent-stage", type=natural)
@@ -81,7 +87,8 @@ def get_args(argv=None):
     g.add_argument("--uniform-prob", type=share, default=0.0, help="chance of a random stage per example")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=count, default=128, help="micro-batch x accumulation x processes")
-    g.add_argument("--micro-batch-size", type=count, default=16)
+    g.add_argument("--micro-batch-size", type=count, help="default: 16 on a CPU; on a GPU the batch of a "
+                   "process, up to 64 (the thoughts' small passes keep a GPU busy only with many rows)")
     g.add_argument("--learning-rate", type=bounded(float, 1e-12), default=1e-4)
     g.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.01)
     g.add_argument("--warmup-iters", type=natural, default=0, help="linear warm-up after each reset")
@@ -108,6 +115,7 @@ def get_args(argv=None):
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", args.name or args.dataset)
     args.methods = args.method.split(",")
+    args.micro_batch_size = args.micro_batch_size or (max(1, min(64, args.batch_size // world)) if on_gpu(args) else 16)
     check_args(p, args, given)
     return args
 
@@ -132,7 +140,7 @@ def check_args(p, args, given):
     elif (args.n_embd or 768) % (args.n_head or 12):
         p.error(f"--n-embd {args.n_embd or 768} is not a multiple of --n-head {args.n_head or 12}")
     if any(getattr(args, f"{s}_file") for s in SPLITS) or args.dataset == "gsm8k":
-        for name in sorted(given & GENERATOR_FLAGS):
+        for name in sorted(given & (GENERATOR_FLAGS | {"fresh_data"})):
             p.error(f"{flag(name)} is a setting of the generated data, not of "
                     f"{'GSM8k' if args.dataset == 'gsm8k' else 'given --train/valid/test-file'}")
     for name in sorted(given & set(GRAPH_FLAGS)):
@@ -152,6 +160,12 @@ def check_args(p, args, given):
                 f"{args.micro_batch_size} x {world} processes")
     if "name" in given and "out_dir" in given:
         p.error("--name names a folder under out/: give it or --out-dir, not both")
+
+
+def on_gpu(args):
+    """Whether the run will be on a CUDA device (common.setup_device decides the same way)."""
+    import torch
+    return args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
 
 
 def curriculum_of(args, method):

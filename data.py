@@ -249,6 +249,14 @@ PROSQA_CONCEPTS = ("bompus boompus brimpus chorpus dumpus felpus fompus gerpus g
                    "yimpus yumpus zhorpus zumpus").split()
 
 
+# --names short: names that are one GPT-2 token each (with their leading space), so that a question
+# is about 40% shorter and every fact puts its two names at the same distance
+SHORT_PERSONS = "Alex Bob Carol Davis Eva Gabriel Jack Max Oliver Polly Rex Sally Sam Stella Tom".split()
+SHORT_CONCEPTS = ("bat bear bee cat cod cow crab crow cub deer dog dove duck fish fox frog goat gull hawk "
+                  "hen hog kid lamb lion mole moth pig pup ram rat rook seal slug sole sow wolf worm yak").split()
+NAMES = {"paper": (PERSONS, PROSQA_CONCEPTS), "short": (SHORT_PERSONS, SHORT_CONCEPTS)}
+
+
 def poisson(rng, lam):
     # Knuth's method: enough for lam = 1.5, and deterministic under random.Random
     k, p, limit = 0, rng.random(), math.exp(-lam)
@@ -271,8 +279,14 @@ def bfs(children, source):
     return dist, count
 
 
-def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6):
-    """One ProsQA record, or None when the graph is rejected (about 1 in 10 at the defaults)."""
+def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6, names="paper", other_option="any",
+                  min_root_children=1):
+    """One ProsQA record, or None when the graph is rejected (about 1 in 10 at the paper's settings).
+
+    Beyond the paper's: names "short" (one token each); other_option "same-depth": both options as
+    many facts from the nearest person as the answer is from the root (the paper's is any leaf of
+    the other person, most often one fact from it on small graphs: one lookup then tells the two
+    apart, no search); min_root_children, so that the first step has several candidates."""
     # 1-2. grow a DAG; label bit 1 = descends from node 0, bit 2 = descends from node 1
     parents, label, depth = [[], []], [1, 2], [0, 0]
     for n in range(2, max_nodes):
@@ -308,9 +322,18 @@ def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6):
     far = [max(dists[s][leaf] for leaf in leaves[s]) for s in (0, 1)]
     root = rng.choice([s for s in (0, 1) if far[s] == max(far)])
     target = rng.choice([leaf for leaf in leaves[root] if dists[root][leaf] == far[root]])
-    neg_target = rng.choice(leaves[1 - root])
-    # 5. keep graphs whose answer needs min_steps..max_steps hops
-    if not min_steps <= far[root] <= max_steps:
+    others = leaves[1 - root]
+    if other_option == "same-depth":  # both options as far from the nearest person
+        nearest = {}
+        for p in (i for i in keep if not parents[i]):
+            for v, d in bfs(children, p)[0].items():
+                nearest[v] = min(d, nearest.get(v, d))
+        others = [leaf for leaf in others if nearest[leaf] == far[root]]
+        if not others or nearest[target] != far[root]:
+            return None
+    neg_target = rng.choice(others)
+    # 5. keep graphs whose answer needs min_steps..max_steps hops (and whose root branches, if asked)
+    if not min_steps <= far[root] <= max_steps or len(children[root]) < min_root_children:
         return None
     # a uniformly random shortest path: walk back from the target, choosing each predecessor in
     # proportion to the number of shortest paths that reach it
@@ -320,13 +343,14 @@ def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6):
         preds = [p for p in parents[path[-1]] if dist.get(p) == dist[path[-1]] - 1]
         path.append(rng.choices(preds, [count[p] for p in preds])[0])
     path.reverse()
-    # names: persons for parentless nodes, "-pus" concepts for the others, distinct in a record
+    # names: persons for parentless nodes, concepts for the others, distinct in a record
     persons = [i for i in keep if not parents[i]]
     concepts = [i for i in keep if parents[i]]
-    if len(persons) > len(PERSONS) or len(concepts) > len(PROSQA_CONCEPTS):
+    person_names, concept_names = NAMES[names]
+    if len(persons) > len(person_names) or len(concepts) > len(concept_names):
         return None  # only possible with a much larger max_nodes than the paper's
-    name = dict(zip(persons, rng.sample(PERSONS, len(persons))))
-    name.update(zip(concepts, rng.sample(PROSQA_CONCEPTS, len(concepts))))
+    name = dict(zip(persons, rng.sample(person_names, len(persons))))
+    name.update(zip(concepts, rng.sample(concept_names, len(concepts))))
 
     def sentence(u, v):
         return f"{name[u]} is a {name[v]}." if not parents[u] else f"Every {name[u]} is a {name[v]}."
@@ -345,7 +369,11 @@ def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6):
                 root=new[root], target=new[target], neg_target=new[neg_target])
 
 
-def unique_records(make, rng, n, progress, desc, max_tries=1000):
+PROSQA_DEFAULTS = dict(max_nodes=28, min_steps=3, max_steps=6, names="paper", other_option="any",
+                      min_root_children=1)
+
+
+def unique_records(make, rng, n, progress, desc, max_tries=10000):
     """n records with distinct questions, drawn from make(rng) (which may return None to reject)."""
     records, seen, misses = [], set(), 0
     with tqdm(total=n, desc=desc, disable=not progress) as bar:
@@ -364,16 +392,14 @@ def unique_records(make, rng, n, progress, desc, max_tries=1000):
     return records
 
 
-def generate_prosqa(n, seed, max_nodes=28, min_steps=3, max_steps=6, progress=False):
-    """n ProsQA records with distinct questions. The defaults reproduce the paper's release
-    (22.8 nodes, 35.8 edges, 3.78 steps on average). Smaller graphs keep the same construction:
-    the CPU preset's max_nodes=7, min_steps=2, max_steps=3 gives questions of about 30 words."""
-    if not 1 <= min_steps <= max_steps or max_nodes < 4:
-        raise ValueError(f"need 1 <= min_steps <= max_steps and max_nodes >= 4, got "
-                         f"max_nodes={max_nodes}, min_steps={min_steps}, max_steps={max_steps}")
-    rng = random.Random(seed)
-    return unique_records(lambda rng: prosqa_record(rng, max_nodes, min_steps, max_steps),
-                          rng, n, progress, "prosqa")
+def generate_prosqa(n, seed, progress=False, **settings):
+    """n ProsQA records with distinct questions. The defaults (PROSQA_DEFAULTS) reproduce the
+    paper's release (22.8 nodes, 35.8 edges, 3.78 steps on average); prosqa_record says what the
+    other settings change."""
+    s = {**PROSQA_DEFAULTS, **settings}
+    if not 1 <= s["min_steps"] <= s["max_steps"] or s["max_nodes"] < 4:
+        raise ValueError(f"need 1 <= min_steps <= max_steps and max_nodes >= 4, got {s}")
+    return unique_records(lambda rng: prosqa_record(rng, **s), random.Random(seed), n, progress, "prosqa")
 
 
 # -----------------------------------------------------------------------------
@@ -522,11 +548,7 @@ def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=
     for path in paths.values():  # refuse before spending a minute generating
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(errno.EEXIST, "already exists (overwrite=True replaces it)", path)
-    n = sum(settings["sizes"].values())
-    if dataset == "prosqa":
-        records = generate_prosqa(n, seed, progress=progress, **{**GENERATOR_DEFAULTS[dataset], **knobs})
-    else:
-        records = generate_prontoqa(n, seed, progress=progress, **knobs)
+    records = generate(settings, sum(settings["sizes"].values()), seed, progress)
     start = 0
     for split in ("test", "valid", "train"):
         save_records(records[start:start + settings["sizes"][split]], paths[split], overwrite=overwrite)
@@ -536,13 +558,39 @@ def make_splits(dataset, out_dir, seed=0, sizes=None, overwrite=False, progress=
     return paths
 
 
-GENERATOR_DEFAULTS = {"prosqa": dict(max_nodes=28, min_steps=3, max_steps=6), "prontoqa": {}}
+GENERATOR_DEFAULTS = {"prosqa": PROSQA_DEFAULTS, "prontoqa": {}}
+
+
+def generate(settings, n, seed, progress=False):
+    """n records from the generator that settings (a generator.json) describe, drawn with seed."""
+    knobs = {k: settings[k] for k in GENERATOR_DEFAULTS[settings["dataset"]]}
+    if settings["dataset"] == "prosqa":
+        return generate_prosqa(n, seed, progress=progress, **knobs)
+    return generate_prontoqa(n, seed, progress=progress)
+
+
+def fresh_records(data_dir, epoch, exclude):
+    """New training questions for an epoch (--fresh-data): as many as data_dir's training split
+    holds, from the generator that made it (its generator.json), drawn with a seed of their own
+    for each epoch, none of them in exclude (the validation and test questions)."""
+    settings = read_generator(data_dir)
+    n = settings["sizes"]["train"]
+    records = generate(settings, n + len(exclude), seed=(settings["seed"] + 1) * 1000003 + epoch)
+    return [r for r in records if r["question"] not in exclude][:n]
 
 
 def generator_settings(dataset, seed, sizes=None, **knobs):
     """What a generated folder holds, defaults filled in: its generator.json."""
     knobs = {**GENERATOR_DEFAULTS[dataset], **{k: v for k, v in knobs.items() if v is not None}}
     return dict(dataset=dataset, seed=seed, sizes={**PAPER_SIZES[dataset], **(sizes or {})}, **knobs)
+
+
+def read_generator(data_dir):
+    """The settings of a generated folder, from its generator.json, defaults filled in (folders
+    made before a setting existed were made with its default)."""
+    made = json.loads(read_text(os.path.join(data_dir, "generator.json")))
+    return generator_settings(made["dataset"], made["seed"], made["sizes"],
+                              **{k: v for k, v in made.items() if k not in ("dataset", "seed", "sizes")})
 
 
 def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, asked=None, **knobs):
@@ -561,9 +609,7 @@ def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, asked=
                         f"an empty folder)")
     settings_path = os.path.join(data_dir, "generator.json")
     if os.path.exists(settings_path):
-        made = json.loads(read_text(settings_path))
-        made = generator_settings(made["dataset"], made["seed"], made["sizes"],
-                                  **{k: v for k, v in made.items() if k not in ("dataset", "seed", "sizes")})
+        made = read_generator(data_dir)
         now = generator_settings(dataset, seed, sizes, **knobs)
         value = lambda s, key: s["sizes"][key[2:]] if key.startswith("n_") else s.get(key)  # noqa: E731
         keys = ["seed", *(f"n_{s}" for s in SPLITS), *GENERATOR_DEFAULTS["prosqa"]]
@@ -619,6 +665,10 @@ def main(argv=None):
     parser.add_argument("--max-nodes", type=bounded(int, 4), help="ProsQA: nodes grown per graph (paper: 28)")
     parser.add_argument("--min-steps", type=bounded(int, 1), help="ProsQA: shortest answer path (paper: 3)")
     parser.add_argument("--max-steps", type=bounded(int, 1), help="ProsQA: longest answer path (paper: 6)")
+    parser.add_argument("--names", choices=sorted(NAMES), help="ProsQA: the paper's names, or one token each")
+    parser.add_argument("--other-option", choices=["any", "same-depth"], help="ProsQA: the wrong option is any "
+                        "leaf of another person (the paper's), or one as far from it as the answer from the root")
+    parser.add_argument("--min-root-children", type=bounded(int, 1), help="ProsQA: the root's fewest children (paper: 1)")
     parser.add_argument("--from", dest="source", help="gsm8k: the downloaded .txt or .json file")
     parser.add_argument("--stats", metavar="FILE", help="print the statistics of a JSON data file")
     args = parser.parse_args(argv)

@@ -163,7 +163,9 @@ class GPT(nn.Module):
         """The final hidden states, after ln_f, of the new positions: (B, T, n_embd).
 
         idx: (B, T) token ids, or embeds: (B, T, n_embd) input embeddings (exactly one of them).
-        position_ids: (B, T); defaults to continuing after the cached positions.
+        position_ids: (B, T), each below block_size; defaults to continuing after the cached
+            positions. Given ones are not checked here: reading them would make the CPU wait for
+            the GPU at every pass (Coconut's come from collate and generate, which keep them in range).
         attention_mask: (B, T) with 1 at real tokens and 0 at padding, for the new positions only
             (the cache remembers the mask of the positions it holds).
         cache: a KVCache that is read, then extended with the new positions.
@@ -173,10 +175,10 @@ class GPT(nn.Module):
         B, T, _ = x.shape
         past_len = 0 if cache is None else len(cache)
         if position_ids is None:
+            if past_len + T > self.config.block_size:
+                raise ValueError(f"position {past_len + T - 1} is past the model's context of "
+                                 f"{self.config.block_size} positions")
             position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
-        if int(position_ids.max()) >= self.config.block_size:
-            raise ValueError(f"position {int(position_ids.max())} is past the model's context of "
-                             f"{self.config.block_size} positions")
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))
 
         # the causal fast path when there is nothing to mask but the future

@@ -31,7 +31,7 @@ from checkpoint import (CheckpointError, Run, coconut_of, fetch_weights, load_mo
 from coconut import build_example, collate
 from common import InputError, barrier, ddp, errors_in_one_line, flag, master, rank, setup_device, world, write_atomic, write_jsonl
 from config import GENERATOR_FLAGS, GRAPH_FLAGS, RUNTIME_FLAGS, SIZE_FLAGS, curriculum_of, get_args
-from data import SPLITS, DataError, Vocab, gsm8k_help, load_split, prepare_splits
+from data import SPLITS, DataError, Vocab, fresh_records, gsm8k_help, load_split, prepare_splits, tokenize_record
 from evaluate import check_fits, evaluate
 from model import GPT, HUB_MODELS, GPTConfig
 
@@ -135,7 +135,7 @@ def train_epoch(model, vocab, optimizer, examples, progress, args, ctx, desc):
         batch_examples = examples[step * per_rank:(step + 1) * per_rank]
         mb = args.micro_batch_size
         micro = [batch_examples[i:i + mb] for i in range(0, len(batch_examples), mb)]
-        step_loss = 0.0
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)  # read at the end: no waiting on the GPU
         for m, part in enumerate(micro):
             batch = collate(part, device=device, vocab=vocab)
             if ddp:  # only the last micro-step of a batch needs the gradient all-reduce
@@ -145,8 +145,8 @@ def train_epoch(model, vocab, optimizer, examples, progress, args, ctx, desc):
             # weigh each micro-batch's mean loss by its share of the examples (the official code
             # averages micro-batch means too; a per-token mean over the whole batch would differ slightly)
             (loss * len(part) / len(batch_examples)).backward()
-            step_loss += loss.item() * len(part) / len(batch_examples)
-            n_tokens += int(batch["attention_mask"].sum())
+            step_loss += loss.detach().double() * len(part) / len(batch_examples)
+            n_tokens += sum(len(e["input_ids"]) for e in part)
         # the norm of the whole (all-reduced) gradient, so every process stops at the same step;
         # max_norm=inf measures without clipping (the factor is exactly 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(coconut.gpt.parameters(), args.grad_clip or float("inf"))
@@ -160,9 +160,9 @@ def train_epoch(model, vocab, optimizer, examples, progress, args, ctx, desc):
         progress.opt_steps += 1
         losses.append(step_loss)
         if master and not tty and (step + 1) % max(1, n_steps // 10) == 0:
-            print(f"{desc}: step {step + 1}/{n_steps}, loss {step_loss:.3f}, "
+            print(f"{desc}: step {step + 1}/{n_steps}, loss {step_loss.item():.3f}, "
                   f"{n_tokens * world / (time.time() - t0):.0f} tokens/s", flush=True)
-    return sum(losses) / len(losses), n_tokens * world, time.time() - t0, lr
+    return (sum(losses) / len(losses)).item(), n_tokens * world, time.time() - t0, lr
 
 
 @torch.no_grad()
@@ -184,8 +184,9 @@ def train_and_validate(args, run, train_model, optimizer, data, progress, ctx, d
     """One epoch of training at run.stage, then the validation loss and accuracy, logged in
     progress.history; returns the accuracy."""
     t0, epoch, curriculum = time.time(), progress.epoch, run.curriculum
+    tokens = fresh_tokens(args, run, epoch, data) if args.fresh_data and epoch > 0 else data["train"]["tokens"]
     example_rng = random.Random(args.seed * 100003 + epoch)  # the stage mixing of this epoch
-    examples = [build_example(t, curriculum, run.stage, rng=example_rng) for t in data["train"]["tokens"]]
+    examples = [build_example(t, curriculum, run.stage, rng=example_rng) for t in tokens]
     examples = [examples[i] for i in epoch_order(args.seed, epoch, len(examples))]
     loss, n_tokens, seconds, lr = train_epoch(train_model, run.vocab, optimizer, examples, progress, args, ctx, desc)
     valid = data["valid"]
@@ -200,6 +201,26 @@ def train_and_validate(args, run, train_model, optimizer, data, progress, ctx, d
     if master:
         print(json.dumps(progress.history[-1]), flush=True)
     return val["acc"]
+
+
+def fresh_tokens(args, run, epoch, data):
+    """--fresh-data: an epoch's new training questions, tokenized; those the model cannot take
+    (a token its data vocabulary lacks, or too long for its context) are left out, and counted."""
+    exclude = {r["question"] for split in ("valid", "test") for r in data[split]["records"]}
+    records = fresh_records(args.data_dir, epoch, exclude)
+    tokens = []
+    for i, r in enumerate(records):
+        try:
+            t = tokenize_record(r, i, "fresh data")
+            check_fits([t], "fresh data", run.curriculum, run.curriculum.stages, run.model.gpt.config.block_size,
+                       run.vocab)
+            tokens.append(t)
+        except DataError:
+            pass
+    if len(tokens) < len(records) and master:
+        print(f"epoch {epoch + 1}: {len(records) - len(tokens)} of {len(records)} new questions left out "
+              f"(too long for the model, or with tokens it does not know)")
+    return tokens
 
 
 def build_model(args, data, ckpt, run_dir):
@@ -262,7 +283,7 @@ def train_method(args, method, data, device, ctx):
         acc = train_and_validate(args, run, train_model, optimizer, data, progress, ctx, desc)
         improved, progress.best_acc = acc > progress.best_acc, max(acc, progress.best_acc)
         if master:
-            save_epoch(args, method, gpt, vocab, optimizer, data, progress, improved)
+            save_epoch(args, method, run, optimizer, data, progress, improved)
         barrier()
     return test_best(args, method, run, data, ctx)
 
@@ -272,11 +293,11 @@ def run_flags(args, method):
     return {k: v for k, v in vars(args).items() if k != "methods"} | {"method": method}
 
 
-def save_epoch(args, method, gpt, vocab, optimizer, data, progress, improved):
+def save_epoch(args, method, run, optimizer, data, progress, improved):
     """ckpt.pt, best.pt when the validation accuracy is the best of the stage, and the log. Best
     first, then last, then the log: a kill between two writes is repaired by the resume."""
-    run_dir = os.path.join(args.out_dir, method)
-    ckpt = dict(model=gpt.state_dict(), model_args=asdict(gpt.config), vocab=vocab.ids, method=method,
+    run_dir, gpt = os.path.join(args.out_dir, method), run.model.gpt
+    ckpt = dict(model=gpt.state_dict(), model_args=asdict(gpt.config), vocab=run.vocab.ids, method=method,
                 args=run_flags(args, method), data={s: d["sha256"] for s, d in data.items()},
                 optimizer=optimizer.state_dict(), rng=rng_state(), **asdict(progress))
     if improved:

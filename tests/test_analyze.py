@@ -5,7 +5,9 @@ against a naive recomputation (a full forward per token, no cache), and the comm
 Run: python -m pytest -q tests/test_analyze.py      (under a minute on 2 CPU cores)
 """
 
+import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,11 +17,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from analyze import CATEGORIES, classify, heights, node_values, reached_in  # noqa: E402
+import analyze  # noqa: E402
+from analyze import (ABLATIONS, CATEGORIES, ablations, classify, frontier_hits, heights, mean_top,  # noqa: E402
+                     node_values, reached_in, value_tables)
 from checkpoint import Run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example  # noqa: E402
 from conftest import small_prosqa  # noqa: E402
-from data import Vocab, children_of, encode, save_records, tokenize_record  # noqa: E402
+from data import LATENT, Vocab, children_of, encode, save_records, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from reference import naive_thoughts  # noqa: E402
 
@@ -82,18 +86,97 @@ def test_node_values_equal_a_naive_recomputation():
     tokens = tokenize_record(record)
     curriculum = Curriculum(c=1, max_latent_stage=2)
     run = Run(Coconut(gpt), Vocab(), curriculum, stage=3)
-    for k in (1, 2):
+    for k in (1, 2):  # the run was trained at 2 thoughts: after thought 1 only one of them runs
         values = node_values(run, [(tokens, record)], k, batch_size=3)[0]
         prompt = build_example(tokens, curriculum, 3, prompt_only=True, n_thoughts=k)["input_ids"] + encode("Every")
         assert set(values) == {v for _, v in record["edges"]}
         for node, value in values.items():
-            ids, expected = prompt, 1.0
+            ids, expected = prompt, 0.0
             for token in encode(" " + record["idx_to_symbol"][node]):
                 with torch.no_grad():
                     logits = gpt(embeds=naive_thoughts(gpt, ids))[0][0, -1]
-                expected *= torch.softmax(logits, -1)[token].item()
+                expected += torch.log_softmax(logits, -1)[token].item()
                 ids = ids + [token]
-            assert value == pytest.approx(expected, rel=1e-4, abs=1e-12), (k, node)
+            # values are products of small probabilities (about 1e-14 here): compared as logarithms
+            assert math.log(value) == pytest.approx(expected, abs=1e-4), (k, node)
+
+
+# RECORD with a third step: Tom -> a -> c -> h, the target h, so that thought 2 is analysed on it
+RECORD3 = dict(RECORD, idx_to_symbol=NAMES + ["h"], edges=RECORD["edges"] + [[N["c"], 9]], target=9,
+               steps=["Tom is a a.", "Every a is a c.", "Every c is a h."], answer="Tom is a h.")
+
+
+def test_frontier_and_parallelism_on_hand_built_values(monkeypatch):
+    """Node values given by hand (a stub for node_values): the frontier after thought k is the BFS
+    layer k, read only on questions more than k steps from their answer; the parallelism sums the
+    largest values first; the frontier test counts a question when its top-valued node is there."""
+    given = {1: {N["a"]: 0.5, N["b"]: 0.2, N["g"]: 0.1, N["c"]: 0.05, N["d"]: 0.3, N["f"]: 0.01, 9: 0.02},
+             2: {N["a"]: 0.1, N["b"]: 0.1, N["g"]: 0.1, N["c"]: 0.3, N["d"]: 0.2, N["f"]: 0.05, 9: 0.6}}
+    seen = []
+
+    def stub(run, questions, k, batch_size=256):
+        seen.append((k, [r["target"] for _, r in questions]))
+        return [{n: v for n, v in given[k].items() if n < len(r["idx_to_symbol"])} for _, r in questions]
+    monkeypatch.setattr(analyze, "node_values", stub)
+    run = Run(None, Vocab(), Curriculum(c=1, max_latent_stage=3), stage=4)
+    questions = dict(records=[RECORD, RECORD3], tokens=[None, None])
+    rows, tops, hits = value_tables(run, questions, argparse.Namespace(batch_size=8))
+    # RECORD's answer is 2 steps away: read after thought 1 only; RECORD3's (3 steps) after both
+    assert seen == [(1, [N["d"], 9]), (2, [9])]
+    layer = lambda q, k: {r["node"] for r in rows if r["index"] == q and r["thought"] == k}  # noqa: E731
+    assert layer(0, 1) == layer(1, 1) == {"a", "b", "g"} and layer(1, 2) == {"c", "d", "f"} and not layer(0, 2)
+    assert {r["node"]: r["correct"] for r in rows if r["index"] == 1 and r["thought"] == 2} == \
+        {"c": True, "d": False, "f": False}  # only c leads on to h
+    assert tops[1][0] == [0.5, 0.2, 0.1] and tops[2][1] == [0.3, 0.2, 0.05]
+    assert mean_top(tops[2].values(), 1) == 0.3 and mean_top(tops[2].values(), 2) == pytest.approx(0.5)
+    # after thought 1 the top node (a, 0.5) is in the frontier {a, b, g} of 6 and 7 valued nodes;
+    # after thought 2 the top node of RECORD3 is h (0.6), not in its frontier {c, d, f} of 7
+    assert hits[1] == (2, 2, pytest.approx(3 / 6 + 3 / 7)) and hits[2] == (1, 0, pytest.approx(3 / 7))
+    assert frontier_hits([RECORD3], {0: given[2]}, 2) == (1, 0, pytest.approx(3 / 7))
+
+
+def test_ablations_change_the_thoughts_exactly_as_described(monkeypatch):
+    """What the model is given under each ablation, read where the thoughts are written in: (a)
+    its own thoughts, (b) no slots at all, (c) the next question's own thoughts (the last question
+    the first's), (d) vectors of its own thoughts' norms that are not its thoughts; every prompt
+    ends with "###". The own thoughts are recomputed the naive way."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=96, vocab_size=50260, n_layer=1, n_head=2, n_embd=16)).eval()
+    curriculum = Curriculum(c=1, max_latent_stage=2)
+    run = Run(Coconut(gpt), Vocab(), curriculum, stage=3)  # trained at 2 thoughts
+    records = [dict(RECORD, question=q, answer="Tom is a d.") for q in
+               ("Tom is a b. Is Tom a d or e?", "Every b is a d. Is Tom a e or d?", "Ann is a e. Tom is a g.")]
+    tokens = [tokenize_record(r) for r in records]
+
+    def own(t):
+        ids = build_example(t, curriculum, 3, prompt_only=True)["input_ids"] + encode("###")
+        with torch.no_grad():
+            filled = naive_thoughts(gpt, ids)[0]
+        return filled[[j for j, x in enumerate(ids) if x == LATENT]]
+    own = [own(t) for t in tokens]
+    calls, think = [], run.model.think
+
+    def spy(input_ids, attention_mask, position_ids, cache=None, intervene=None):
+        written = []
+        record = lambda j, t: written.append(intervene(j, t)) or written[-1]  # noqa: E731
+        calls.append((input_ids, written))
+        return think(input_ids, attention_mask, position_ids, cache, record if intervene else None)
+    monkeypatch.setattr(run.model, "think", spy)
+    accuracy = ablations(run, dict(records=records, tokens=tokens), batch_size=2, k=2)
+    assert list(accuracy) == list(ABLATIONS)
+    # two batches (questions 0, 1 and 2) for the own thoughts, then for each of (a), (b), (c), (d)
+    assert [int((ids == LATENT).sum(dim=1).max()) for ids, _ in calls] == [2, 2, 2, 2, 0, 0, 2, 2, 2, 2]
+    assert all((ids[:, -1] == encode("###")[0]).all() for ids, _ in calls)
+    assert all(not written for _, written in calls[:6])  # the model's own thoughts, or none
+    for (_, written), rows in ((calls[6], [0, 1]), (calls[7], [2])):
+        for j in range(2):
+            expected = torch.stack([own[(i + 1) % 3][j] for i in rows])
+            torch.testing.assert_close(written[j], expected, atol=1e-5, rtol=1e-5)
+    for (_, written), rows in ((calls[8], [0, 1]), (calls[9], [2])):
+        for j in range(2):
+            expected = torch.stack([own[i][j] for i in rows])
+            torch.testing.assert_close(written[j].norm(dim=-1), expected.norm(dim=-1), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(written[j], expected, atol=1e-2)
 
 
 def run_script(*args, cwd=ROOT):

@@ -148,7 +148,9 @@ def test_batched_generation_equals_one_by_one():
     calls = []
     hidden = gpt.hidden
     gpt.hidden = lambda *a, **k: calls.append(1) or hidden(*a, **k)
-    for p, e in zip(prompts, expected):
+    for p in prompts:  # each row ends at its eos: here the token it writes third
+        model.eos_id = official_generate(gpt, p, 3, eos_id=-1)[2]
+        e = official_generate(gpt, p, 8, model.eos_id)
         calls.clear()
         assert model.generate(**collate([{"input_ids": p}], for_generation=True), max_new_tokens=8) == [e]
         assert len(calls) == forward_passes(p.count(LATENT), len(e))
@@ -165,6 +167,30 @@ def test_batched_generation_keeps_each_rows_positions():
     assert len({tuple(e) for e in expected}) > 1
     batch = collate([{"input_ids": p} for p in prompts], for_generation=True)
     assert Coconut(gpt).generate(**batch, max_new_tokens=6) == expected
+
+
+def test_padding_to_buckets_changes_no_loss_gradient_or_answer():
+    """pad_to (on a GPU, lengths in buckets of 64 columns) adds only pads: the loss, the gradients
+    and the greedy answers stay those of the tightest padding, to 1e-6."""
+    examples = mixed_batch_examples()
+    tight, bucketed = collate(examples), collate(examples, pad_to=16)
+    assert bucketed["input_ids"].shape[1] % 16 == 0 and bucketed["input_ids"].shape[1] > tight["input_ids"].shape[1]
+    assert bucketed["input_ids"].tolist()[0].index(L) % 16 == 0  # the thoughts' column too
+    gpt, ref = tiny_gpt(), tiny_gpt()
+    loss = Coconut(gpt)(**bucketed)
+    loss.backward()
+    ref_loss = Coconut(ref)(**tight)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    for (name, p), p_ref in zip(gpt.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-6, rtol=1e-5, msg=name)
+    gpt = tiny_gpt(seed=1).eval()
+    with torch.no_grad():
+        gpt.transformer.wpe.weight.mul_(40)  # answers that hang on the positions
+    prompts = [{"input_ids": p} for p in generation_prompts()]
+    model = Coconut(gpt)
+    expected = model.generate(**collate(prompts, for_generation=True), max_new_tokens=6)
+    assert model.generate(**collate(prompts, for_generation=True, pad_to=16), max_new_tokens=6) == expected
 
 
 def test_data_vocabulary_maps_ids_in_and_out():

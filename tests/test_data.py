@@ -48,7 +48,8 @@ def bfs_dist(n, edges, source):
     return dist
 
 
-def check_prosqa_record(r, min_steps=3, max_steps=6, max_nodes=28):
+def check_prosqa_record(r, min_steps=3, max_steps=6, max_nodes=28, names="paper"):
+    person_names, concept_names = data.NAMES[names]
     names, edges = r["idx_to_symbol"], [tuple(e) for e in r["edges"]]
     n = len(names)
     assert n <= max_nodes and len(set(names)) == n, "names must be distinct"
@@ -57,8 +58,8 @@ def check_prosqa_record(r, min_steps=3, max_steps=6, max_nodes=28):
     assert touched == set(range(n)), "no isolated nodes"
     has_parent = {v for _, v in edges}
     persons = [i for i in range(n) if i not in has_parent]
-    assert all(names[i] in data.PERSONS for i in persons)
-    assert all(names[i] in data.PROSQA_CONCEPTS for i in range(n) if i in has_parent)
+    assert all(names[i] in person_names for i in persons)
+    assert all(names[i] in concept_names for i in range(n) if i in has_parent)
     root, target, neg = r["root"], r["target"], r["neg_target"]
     assert root in persons
     dist = bfs_dist(n, edges, root)
@@ -104,6 +105,77 @@ def test_prosqa_size_knob():
     assert {len(r["steps"]) for r in records} == {2, 3, 4}  # the whole range is reached
     with pytest.raises(ValueError):
         data.generate_prosqa(1, seed=0, min_steps=4, max_steps=3)
+
+
+def test_prosqa_facts_are_shuffled(prosqa):
+    """The facts of a question come in random order, not in the order the graph was grown (edges
+    by child, parents in order): an order that follows the graph would be a shortcut to the path."""
+    grown = 0
+    for r in prosqa:
+        names, persons = r["idx_to_symbol"], {u for u, _ in r["edges"]} - {v for _, v in r["edges"]}
+        facts = [f"{names[u]} is a {names[v]}." if u in persons else f"Every {names[u]} is a {names[v]}."
+                 for u, v in r["edges"]]  # the order the generator grew them in
+        grown += r["question"].startswith(" ".join(facts[:3]))
+    assert grown / len(prosqa) < 0.01
+
+
+def branching_at(r, k):
+    """Whether the nodes k steps from the root are two or more."""
+    return sum(1 for d in bfs_dist(len(r["idx_to_symbol"]), r["edges"], r["root"]).values() if d == k) >= 2
+
+
+def test_prosqa_settings_beyond_the_paper():
+    """--names short, --other-option same-depth, --min-root-children: each does what it says, and
+    the records stay valid ProsQA records."""
+    settings = dict(max_nodes=14, min_steps=3, max_steps=3, names="short", other_option="same-depth",
+                    min_root_children=2)
+    records = data.generate_prosqa(300, seed=0, **settings)
+    for r in records:
+        check_prosqa_record(r, min_steps=3, max_steps=3, max_nodes=14, names="short")
+        assert all(len(data.encode(" " + name)) == 1 for name in r["idx_to_symbol"])  # one token per name
+        n, edges = len(r["idx_to_symbol"]), r["edges"]
+        assert sum(u == r["root"] for u, _ in edges) >= 2
+        # both options are as many facts from the nearest person
+        persons = {u for u, _ in edges} - {v for _, v in edges}
+        nearest = lambda node: min(bfs_dist(n, edges, p).get(node, 99) for p in persons)  # noqa: E731
+        assert nearest(r["neg_target"]) == nearest(r["target"]) == len(r["steps"])
+    assert data.generate_prosqa(300, seed=0, **settings) == records  # deterministic
+
+
+def test_statistics_of_the_settings_beyond_the_paper():
+    """On small graphs (7 nodes, 2-3 steps) the paper's rule draws the other option one fact from
+    another person in most questions (one lookup then tells the options apart, no search);
+    --other-option same-depth never does; --min-root-children 2 makes every root branch; and on
+    14-node graphs of 3 steps at least 100 of 500 questions branch at their second step too."""
+    small = dict(max_nodes=7, min_steps=2, max_steps=3)
+    one_fact = lambda r: any(v == r["neg_target"] and not any(w == u for _, w in r["edges"])  # noqa: E731
+                             for u, v in r["edges"])  # a fact "<person> is a <other option>."
+    paper = data.generate_prosqa(500, seed=0, **small)
+    assert sum(map(one_fact, paper)) > 350
+    deep = data.generate_prosqa(500, seed=0, **small, other_option="same-depth", names="short")
+    assert sum(map(one_fact, deep)) == 0
+    branching = data.generate_prosqa(500, seed=0, **small, min_root_children=2)
+    assert all(branching_at(r, 1) for r in branching) and sum(branching_at(r, 1) for r in paper) < 350
+    big = data.generate_prosqa(500, seed=0, max_nodes=14, min_steps=3, max_steps=3, other_option="same-depth",
+                               min_root_children=2, names="short")
+    assert sum(branching_at(r, 2) for r in big) >= 100
+    tokens = lambda records: sum(len(data.encode(r["question"])) for r in records) / len(records)  # noqa: E731
+    assert tokens(data.generate_prosqa(200, seed=0, **small, names="short")) < 0.75 * tokens(paper[:200])
+
+
+def test_fresh_records_are_new_and_held_out(tmp_path):
+    """--fresh-data: an epoch's questions come from the folder's own generator settings, differ
+    from epoch to epoch, repeat for the same epoch, and are never a validation or test question."""
+    paths = data.make_splits("prosqa", str(tmp_path), seed=3, sizes=dict(train=40, valid=10, test=10),
+                             max_nodes=8, min_steps=2, max_steps=3, names="short")
+    held = {r["question"] for s in ("valid", "test") for r in data.load_records(paths[s])}
+    one, two = data.fresh_records(str(tmp_path), 1, held), data.fresh_records(str(tmp_path), 2, held)
+    assert len(one) == len(two) == 40 and one == data.fresh_records(str(tmp_path), 1, held)
+    assert {r["question"] for r in one}.isdisjoint({r["question"] for r in two} | held)
+    for r in one + two:
+        check_prosqa_record(r, min_steps=2, max_steps=3, max_nodes=8, names="short")
+    exclude = {r["question"] for r in one[:5]}  # held-out questions are left out
+    assert {r["question"] for r in data.fresh_records(str(tmp_path), 1, exclude)}.isdisjoint(exclude)
 
 
 def test_prosqa_statistics_near_the_release(prosqa):
@@ -397,7 +469,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert run_cli("--dataset", "prosqa", "--out", out, *sizes).returncode == 0
     with open(os.path.join(out, "generator.json")) as f:  # how train.py recognizes the folder
         assert json.load(f) == dict(dataset="prosqa", seed=0, sizes=dict(train=5, valid=2, test=2), max_nodes=28,
-                                    min_steps=3, max_steps=6)
+                                    min_steps=3, max_steps=6, names="paper", other_option="any", min_root_children=1)
     p = run_cli("--dataset", "prosqa", "--out", out, *sizes)
     assert p.returncode == 1 and "--overwrite" in p.stderr and p.stderr.count("\n") == 1
     assert run_cli("--dataset", "prosqa", "--out", out, "--overwrite", *sizes).returncode == 0
@@ -424,7 +496,7 @@ def test_make_splits(tmp_path):
 
 def test_make_splits_no_duplicate_questions(tmp_path, monkeypatch):
     # a generator that repeats itself a lot: 30 distinct questions drawn at random
-    def repetitive(rng, *knobs):
+    def repetitive(rng, **settings):
         return {"question": f"q{rng.randrange(30)}", "steps": ["s"], "answer": "a"}
     monkeypatch.setattr(data, "prosqa_record", repetitive)
     sizes = dict(train=14, valid=5, test=5)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, KVCache, WeightsUnavailable  # noqa: E402
+from model import GPT, GPTConfig, KVCache, WeightsUnavailable, attention_mask_for  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=101)
 
@@ -277,3 +277,36 @@ def test_position_past_context_is_a_clear_error():
     model = tiny_model(block_size=8)
     with pytest.raises(ValueError, match="context of 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_attention_mask_lets_every_query_see_a_key_and_real_tokens_only_theirs():
+    """Every query row must see at least one key: a row that sees none gives NaN in some attention
+    kernels (and zeros in others, which would hide the bug). A real token sees exactly the real
+    tokens up to itself. Left-padded rows, a row of pads only, and a cached prefix."""
+    g = torch.Generator().manual_seed(0)
+    for S, T in [(6, 6), (9, 4), (9, 1), (12, 12)]:
+        key_mask = torch.rand(5, S, generator=g) < 0.6
+        key_mask[0, :] = False  # nothing but pads
+        key_mask[1, :S - T + 1] = False  # left padding reaching into the new positions
+        allowed = attention_mask_for(key_mask, T)[:, 0]  # (B, T, S)
+        assert allowed.any(dim=-1).all(), (S, T)
+        for b in range(5):
+            for t in range(T):
+                q = S - T + t
+                if key_mask[b, q]:
+                    expected = [bool(key_mask[b, k]) and k <= q for k in range(S)]
+                    assert allowed[b, t].tolist() == expected, (S, T, b, t)
+
+
+def test_bench_runs_and_reports_what_it_promises():
+    """bench.py (issue: the GPU path) on a tiny setting: the loop at two stages, the thought ratio,
+    the generation speed-up with the same tokens as the official algorithm."""
+    import subprocess
+    r = subprocess.run([sys.executable, "bench.py", "--size", "tiny", "--batch-size", "4", "--micro-batch-size", "4",
+                        "--steps", "1", "--stages", "0,7", "--repeats", "1", "--baseline-prompts", "2",
+                        "--max-new-tokens", "3", "--device", "cpu", "--threads", "1"],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for text in ("stage 0:", "stage 7:", "ratio", "speed-up", "same tokens on 2/2 compared prompts"):
+        assert text in r.stdout, (text, r.stdout)
