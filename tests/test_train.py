@@ -612,3 +612,18 @@ def test_a_bug_keeps_its_traceback(tiny, tmp_path):
     assert r.returncode == 1
     assert "Traceback (most recent call last)" in r.stderr and "ValueError: a bug inside the model" in r.stderr
     assert "in broken" in r.stderr  # where it was raised
+
+
+def test_the_paper_recipe_generates_its_data_on_first_use(tmp_path):
+    """python train.py --dataset prosqa with no generator flag: ProsQA is generated at the paper's
+    settings (28-node graphs, 3 to 6 steps) into the data folder, then trained on."""
+    data_dir = str(tmp_path / "prosqa")
+    r = run("train.py", *without(SINGLE_STAGE, "--block-size"), "--block-size", "1024", "--dataset", "prosqa",
+            "--data-dir", data_dir, "--n-train", "8", "--n-valid", "2", "--n-test", "2", "--method", "no-cot",
+            "--epochs", "1", "--out-dir", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(data_dir, "generator.json")) as f:
+        settings = json.load(f)
+    assert (settings["max_nodes"], settings["min_steps"], settings["max_steps"]) == (28, 3, 6)
+    with open(os.path.join(data_dir, "train.json")) as f:
+        assert all(3 <= len(r["steps"]) <= 6 for r in json.load(f))
