@@ -11,7 +11,6 @@ held-out sequences as training goes. NOTES.md says what it found on 2 CPU cores.
     python scripts/recall_probe.py --facts 6 --queries 4 --device cuda --steps 50000
 """
 
-import argparse
 import os
 import random
 import sys
@@ -21,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import ArgumentParser, bounded, errors_in_one_line, pick_device  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -37,21 +37,29 @@ def sequence(rng, names, facts, queries):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--names", type=int, default=40)
-    p.add_argument("--facts", type=int, default=12)
-    p.add_argument("--queries", type=int, default=1)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--every", type=int, default=500, help="steps between two accuracy readings")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--names", type=bounded(int, 2), default=40, help="distinct names (more than --facts)")
+    p.add_argument("--facts", type=bounded(int, 1), default=12)
+    p.add_argument("--queries", type=bounded(int, 1), default=1, help="facts asked for (at most --facts)")
+    p.add_argument("--n-layer", type=bounded(int, 1), default=2)
+    p.add_argument("--n-head", type=bounded(int, 1), default=4)
+    p.add_argument("--n-embd", type=bounded(int, 1), default=128, help="a multiple of --n-head")
+    p.add_argument("--learning-rate", type=bounded(float, 0), default=2e-3)
+    p.add_argument("--batch-size", type=bounded(int, 1), default=16)
+    p.add_argument("--steps", type=bounded(int, 1), default=3000)
+    p.add_argument("--every", type=bounded(int, 1), default=500, help="steps between two accuracy readings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=bounded(int, 1), default=1)
     args = p.parse_args()
+    if args.names <= args.facts:
+        p.error(f"--names {args.names}: a chain of {args.facts} facts needs at least {args.facts + 1} names")
+    if args.queries > args.facts:
+        p.error(f"--queries {args.queries}: at most --facts ({args.facts})")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-embd {args.n_embd}: not a multiple of --n-head {args.n_head}")
+    with errors_in_one_line():
+        args.device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

@@ -3,15 +3,16 @@ Train a grid of settings over several seeds, a few runs at a time with one threa
 a table of their test accuracies (mean and range over the seeds) and minutes.
 
     python scripts/sweep.py --out out/sweep --seeds 0,1,2 \\
-        --setting "preset: --preset cpu" --setting "lr 5e-3: --preset cpu --learning-rate 5e-3"
+        --setting "preset: --preset cpu --method coconut,cot,no-cot" \\
+        --setting "lr 5e-3: --preset cpu --method coconut,cot,no-cot --learning-rate 5e-3"
 
 Each setting is a label and the flags of train.py; every method of a setting trains in a process
-of its own (--method a,b,c is split), into <out>/<label>/s<seed>/<method>. A run already finished
-is read, not trained again, so a sweep that was stopped continues where it was. With --analyze,
-each Coconut run is also analysed (analyze.py) and its ablations and frontier figures reported.
+of its own (--method a,b,c is split; Coconut alone when no --method is given), into
+<out>/<label>/s<seed>/<method>. A run already finished is read, not trained again, so a sweep that
+was stopped continues where it was. With --analyze, each Coconut run is also analysed (analyze.py)
+and its ablations and frontier figures reported.
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -22,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import ArgumentParser, InputError, bounded, counts, errors_in_one_line  # noqa: E402
 
 
 def last_line(path):
@@ -40,8 +43,13 @@ def train(job):
         if os.path.exists(os.path.join(run_dir, method, "ckpt.pt")):
             args.append("--resume")
         os.makedirs(os.path.join(run_dir, method), exist_ok=True)
-        with open(os.path.join(run_dir, method, "train.log"), "a") as f:
-            subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True)
+        train_log = os.path.join(run_dir, method, "train.log")
+        with open(train_log, "a") as f:
+            failed = subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        if failed:
+            with open(train_log) as f:
+                last = f.read().strip().splitlines()[-1:] or [""]
+            raise InputError(f"setting {label!r}, seed {seed}, {method}: train.py failed ({last[0]}); see {train_log}")
     return job, last_line(log)
 
 
@@ -63,19 +71,24 @@ def cell(values):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the folder of the sweep's runs")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=counts, default=[0, 1, 2])
     p.add_argument("--setting", action="append", required=True, help='"label: train.py flags"')
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--jobs", type=bounded(int, 1), default=2, help="runs at a time")
     p.add_argument("--analyze", action="store_true", help="also analyse each Coconut run")
     args = p.parse_args()
-    settings = [(s.split(":", 1)[0].strip(), shlex.split(s.split(":", 1)[1])) for s in args.setting]
+    settings = []
+    for setting in args.setting:
+        label, colon, flags = setting.partition(":")
+        if not colon or not label.strip() or label.strip() in [s[0] for s in settings]:
+            p.error(f'--setting {setting!r}: expected "label: train.py flags", each label once')
+        settings.append((label.strip(), shlex.split(flags)))
     jobs = []
     for label, flags in settings:
-        methods = flags[flags.index("--method") + 1].split(",") if "--method" in flags else ["coconut"]
+        methods = flags[flags.index("--method") + 1].split(",") if "--method" in flags[:-1] else ["coconut"]
         flags = [f for i, f in enumerate(flags) if f != "--method" and (i == 0 or flags[i - 1] != "--method")]
-        jobs += [(label, flags, int(seed), m, args.out) for seed in args.seeds.split(",") for m in methods]
+        jobs += [(label, flags, seed, m, args.out) for seed in args.seeds for m in methods]
     t0, results = time.time(), {}
     with ThreadPoolExecutor(args.jobs) as pool:
         for (label, _, seed, method, _), final in pool.map(train, jobs):
@@ -103,4 +116,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with errors_in_one_line():
+        main()
