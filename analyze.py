@@ -52,7 +52,8 @@ from torch.nn import functional as F
 
 from checkpoint import load_run, runs_in
 from coconut import build_example, collate, stage_layout
-from common import ArgumentParser, InputError, bounded, errors_in_one_line, pick_device, write_atomic, write_jsonl
+from common import (ArgumentParser, InputError, bounded, check_output, errors_in_one_line, nonempty, pick_device,
+                    write_atomic, write_jsonl)
 from data import bfs, check_graph, children_of, decode, encode, grade
 from evaluate import evaluate, model_flags, open_run, read_questions
 
@@ -388,6 +389,9 @@ def references_of(run_path, given, device):
     paths = given.split(",") if given else [
         r for r in runs_in(os.path.dirname(os.path.dirname(os.path.abspath(run_path))))
         if os.path.basename(r) in ("cot", "no-cot")]
+    for i, p in enumerate(paths):
+        if not p or os.path.abspath(p) in map(os.path.abspath, paths[:i]):
+            raise InputError(f"--references {given}: {'an empty name' if not p else p + ' twice'}")
     references = [load_run(p, device, dataset="prosqa") for p in paths]
     methods = [r.curriculum.method for r in references]
     return [(m if methods.count(m) == 1 else p, r) for m, p, r in zip(methods, paths, references)]
@@ -396,8 +400,8 @@ def references_of(run_path, given, device):
 def main(argv=None):
     p = ArgumentParser(description="The paper's analyses of what continuous thoughts hold, on ProsQA.")
     model_flags(p, dataset=False)  # the graphs are ProsQA's
-    p.add_argument("--out", help="where figures and jsonl files go (default: RUN/analysis-<folder>-<file>)")
-    p.add_argument("--references", help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
+    p.add_argument("--out", type=nonempty, help="where figures and jsonl files go (default: RUN/analysis-<folder>-<file>)")
+    p.add_argument("--references", type=nonempty, help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
                    "and no-cot runs beside RUN)")
     p.add_argument("--example", type=bounded(int, 0), help="the question of the worked example")
     p.add_argument("--batch-size", type=bounded(int, 1), default=100)
@@ -418,8 +422,11 @@ def main(argv=None):
         # each analysed file gets a folder of its own: analysing another never overwrites this one
         folder, file = os.path.split(os.path.abspath(path))
         name = f"analysis-{os.path.basename(folder)}-{os.path.splitext(file)[0]}"
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(run.path)), name)
-        os.makedirs(out, exist_ok=True)
+        run_folder = run.path if os.path.isdir(run.path) else os.path.dirname(os.path.abspath(run.path))
+        out = args.out or os.path.join(run_folder, name)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise InputError(f"--out {out}: a file, not a folder")
+        check_output(out, "--out", new=False)
     args.max_new_tokens = args.max_new_tokens or run.args.max_new_tokens
     t0 = time.time()
     table, sweep_rows = ksweep(run, questions, ks, references, args)
@@ -436,6 +443,12 @@ def main(argv=None):
     example = args.example if args.example is not None else max(
         tops[1], key=lambda q: (len(tops[1][q]), q in tops[2], -q), default=0)
     worked_example(example, records, sweep_rows, value_rows)
+    with errors_in_one_line():
+        write_outputs(out, table, sweep_rows, value_rows, tops, hits, ablated)
+
+
+def write_outputs(out, table, sweep_rows, value_rows, tops, hits, ablated):
+    """The analysis' files: the k-sweep's and the node values' rows, the summary, the figures."""
     write_jsonl(sweep_rows, os.path.join(out, "ksweep.jsonl"))
     by_question = {}
     for r in value_rows:

@@ -18,9 +18,9 @@ Run: python bench.py                 (on a GPU: GPT-2 124M's size, random weight
      python bench.py --size gpt2 --batch-size 128 --only train
 """
 
-import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -31,7 +31,7 @@ import torch
 import data
 from checkpoint import coconut_of, save_checkpoint
 from coconut import Curriculum, build_example, collate
-from common import setup_device
+from common import ArgumentParser, bounded, counts, errors_in_one_line, flag, given_flags, setup_device
 from model import GPT, GPTConfig
 from tests.reference import official_generate
 from train import Progress, train_epoch
@@ -122,25 +122,37 @@ def bench_checkpoint(run):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    count = bounded(int, 1)
     p.add_argument("--size", choices=SIZES, help="model size, random weights (default: gpt2 on a GPU, else tiny)")
-    p.add_argument("--batch-size", type=int, help="rows per optimizer step (default: 128 on a GPU, else 16)")
-    p.add_argument("--micro-batch-size", type=int, help="default: as train.py's on this device")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps timed per stage")
-    p.add_argument("--stages", default="0,1,2,3,4,5,6,7", help="the stages whose loop is timed")
+    p.add_argument("--batch-size", type=count, help="rows per optimizer step (default: 128 on a GPU, else 16)")
+    p.add_argument("--micro-batch-size", type=count, help="default: as train.py's on this device")
+    p.add_argument("--steps", type=count, default=4, help="optimizer steps timed per stage")
+    p.add_argument("--stages", type=counts, default=list(range(8)), help="the stages whose loop is timed, 0 to 7")
     p.add_argument("--only", choices=["train", "generate"], help="run one of the benchmarks")
-    p.add_argument("--repeats", type=int, default=3, help="timed fixed steps per variant")
-    p.add_argument("--baseline-prompts", type=int, default=8, help="prompts the slow baseline runs on")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=count, default=3, help="timed fixed steps per variant")
+    p.add_argument("--baseline-prompts", type=bounded(int, 1, 64), default=8,
+                   help="prompts (of 64) the slow baseline runs on")
+    p.add_argument("--max-new-tokens", type=count, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=count, help="CPU threads (default: torch's choice)")
     args = p.parse_args()
-    args.device, ctx = setup_device(args.device, "auto", args.threads)
+    given = given_flags(sys.argv[1:])
+    only_for = dict(train={"batch_size", "micro_batch_size", "steps", "stages", "repeats"},
+                    generate={"baseline_prompts", "max_new_tokens"})
+    for name in sorted(given & only_for.get({"train": "generate", "generate": "train"}.get(args.only), set())):
+        p.error(f"{flag(name)} changes nothing with --only {args.only}")
+    if max(args.stages) > 7:
+        p.error(f"--stages {','.join(map(str, args.stages))}: ProsQA's stages are 0 to 7")
+    with errors_in_one_line():
+        args.device, ctx = setup_device(args.device, "auto", args.threads)
     gpu = args.device.startswith("cuda")
     args.size = args.size or ("gpt2" if gpu else "tiny")
     args.batch_size = args.batch_size or (128 if gpu else 16)
     args.micro_batch_size = args.micro_batch_size or (min(64, args.batch_size) if gpu else 16)
-    stages = [int(s) for s in args.stages.split(",")]
+    if args.batch_size % args.micro_batch_size:
+        p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
+    stages = args.stages
 
     torch.manual_seed(0)
     # ProsQA at the paper's settings; random weights never say eos, so every prompt decodes all its tokens

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from coconut import Coconut, Curriculum
-from common import ArgumentParser, InputError, errors_in_one_line, write_atomic
+from common import ArgumentParser, InputError, check_output, errors_in_one_line, nonempty, write_atomic
 from config import PAPER_RECIPE, curriculum_of
 from data import EOS, LATENT, N_VOCAB, SPECIAL_TOKENS, Vocab, bpe_dir, encode
 from model import GPT, HUB_MODELS, WEIGHT_FILES, GPTConfig, WeightsUnavailable, fetch_from_hub, read_gpt2_weights
@@ -133,6 +133,8 @@ def load_model(path, dropout=0.0):
                 return gpt, Vocab(raw["vocab"]), raw
         raw, official = official_tensors(raw)
         gpt = GPT.from_state_dict(raw, path, config_path, override_args=dict(dropout=dropout))
+    except CheckpointError:  # already says what is wrong
+        raise
     except (WeightsUnavailable, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from None
     except (RuntimeError, ValueError, KeyError, TypeError) as e:  # not GPT-2's tensors, or not all of them
@@ -217,12 +219,12 @@ def export_hf(path, folder):
     model.safetensors, GPT-2's tokenizer files with Coconut's three tokens (50260 in all) and a
     note on them. A model with a data vocabulary cannot be one: its token ids are not GPT-2's."""
     from safetensors.torch import save_file
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise CheckpointError(f"{folder}: exists and is not an empty folder; export into a new one")
     gpt, vocab, _ = load_model(path)
     if vocab.ids is not None:
         raise CheckpointError(f"{path} was trained with --vocab data: it knows {vocab.size} of GPT-2's "
                               f"tokens, under ids of its own, so it cannot be a GPT-2 checkpoint")
-    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
-        raise CheckpointError(f"{folder}: exists and is not an empty folder; export into a new one")
     c = gpt.config
     config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size,
                   n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
@@ -237,8 +239,8 @@ def export_hf(path, folder):
                                                       model_max_length=c.block_size)),
              "README.md": EXPORT_NOTE.format(source=os.path.abspath(path))}
     tmp = f"{folder.rstrip(os.sep)}.{os.getpid()}.tmp"  # all files, then one rename: never half a folder
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         for name, text in files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
@@ -248,6 +250,8 @@ def export_hf(path, folder):
         if os.path.isdir(folder):
             os.rmdir(folder)  # empty, checked above
         os.rename(tmp, folder)
+    except OSError as e:  # no space left, no permission: the user's to fix
+        raise CheckpointError(f"{folder}: cannot be written ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {folder}: a Hugging Face GPT-2, {gpt.get_num_params() / 1e6:.1f}M parameters, "
@@ -273,10 +277,11 @@ loads these weights). Padding and end of text are `<|endoftext|>` 50256.
 
 def main(argv=None):
     p = ArgumentParser(description="Write a trained model as a Hugging Face GPT-2 folder.")
-    p.add_argument("run", help="a run folder or checkpoint (ours, or the official code's)")
-    p.add_argument("--export", metavar="DIR", required=True, help="a new folder for the Hugging Face files")
+    p.add_argument("run", type=nonempty, help="a run folder or checkpoint (ours, or the official code's)")
+    p.add_argument("--export", type=nonempty, metavar="DIR", required=True, help="a new folder for the Hugging Face files")
     args = p.parse_args(argv)
     with errors_in_one_line():
+        check_output(args.export, "--export", new=False)
         export_hf(args.run, args.export)
 
 

@@ -73,8 +73,26 @@ def bounded(kind, low, high=None):
     return parse
 
 
+def nonempty(value):
+    """An argparse type: a string that is not empty (a path, a question)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 # -----------------------------------------------------------------------------
 # Files
+
+def check_output(path, name, new=True):
+    """Refuse an output path now, before any work, rather than after it: one that exists (if it
+    must be new), or whose nearest existing folder is not a folder we may write in."""
+    if new and os.path.exists(path):
+        raise InputError(f"{name} {path}: exists already; name a new one")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{name} {path}: {folder} is not a folder that can be written in")
 
 def write_atomic(path, write):
     """Write a file under a temporary name in its folder, then rename it: a kill never leaves a

@@ -143,6 +143,11 @@ def check_args(p, args, given):
         for name in sorted(given & (GENERATOR_FLAGS | {"fresh_data"})):
             p.error(f"{flag(name)} is a setting of the generated data, not of "
                     f"{'GSM8k' if args.dataset == 'gsm8k' else 'given --train/valid/test-file'}")
+    elif (all(os.path.exists(os.path.join(args.data_dir, f"{s}.json")) for s in SPLITS)
+          and not os.path.exists(os.path.join(args.data_dir, "generator.json"))):
+        for name in sorted(given & (GENERATOR_FLAGS | {"fresh_data"})):
+            p.error(f"{flag(name)} is a setting of the generator, and {args.data_dir} holds splits it did not "
+                    f"make (no generator.json)")
     for name in sorted(given & set(GRAPH_FLAGS)):
         if args.dataset != "prosqa":
             p.error(f"{flag(name)} is a setting of the ProsQA generator, not of {args.dataset}'s")
@@ -151,6 +156,9 @@ def check_args(p, args, given):
     for name in CURRICULUM_FLAGS:
         if name in given and all(name in ignored_flags(args, m) for m in args.methods):
             p.error(f"{flag(name)} changes nothing for {args.method}")
+    if args.fresh_data and all(len(curriculum_of(args, m).schedule(args.stage, args.epochs)) == 1
+                               for m in args.methods):
+        p.error("--fresh-data draws new questions for each epoch after the first: one epoch never sees them")
     if "epochs" in given and args.stage != "all":
         p.error("--epochs is the length of --stage all; --stage N trains for --epochs-per-stage epochs")
     if "jobs" in given and args.jobs > 1 and (len(args.methods) == 1 or ddp):

@@ -20,9 +20,9 @@ import time
 import torch
 
 from checkpoint import UnknownRecipe, WrongMethod, load_run
-from coconut import build_example, collate, forward_passes
-from common import (ArgumentParser, InputError, bounded, counts, ddp, errors_in_one_line, flag, pick_device,
-                    rank, setup_device, world, write_jsonl)
+from coconut import METHODS, build_example, collate, forward_passes
+from common import (ArgumentParser, InputError, bounded, check_output, counts, ddp, errors_in_one_line, flag,
+                    nonempty, pick_device, rank, setup_device, world, write_jsonl)
 from config import PAPER_RECIPE
 from data import LATENT, DataError, decode, grade, read_records, tokenize_record
 
@@ -83,13 +83,15 @@ def evaluate(run, questions, ctx, batch_size, max_new_tokens, n_thoughts=None):
 
 def model_flags(p, dataset=True, default_run=None):
     """The flags of a trained model and its questions, spelled alike in every command."""
-    p.add_argument("run", nargs="?" if default_run else None, help="a run folder or checkpoint (ours, or the "
-                   f"official code's: then --method and --dataset){f'; default: {default_run}' if default_run else ''}")
-    p.add_argument("--file", help="an official-format JSON file of questions (default: the run's test file)")
+    p.add_argument("run", type=nonempty, nargs="?" if default_run else None, help="a run folder or checkpoint "
+                   f"(ours, or the official code's: then --method{' and --dataset' * dataset})"
+                   f"{f'; default: {default_run}' if default_run else ''}")
+    p.add_argument("--file", type=nonempty, help="an official-format JSON file of questions (default: the run's test file)")
     p.add_argument("--n-thoughts", type=counts, help="thoughts per question, e.g. 0,1,2 (default: as trained)")
-    p.add_argument("--max-new-tokens", type=bounded(int, 1), help="greedy decoding budget (default: the run's)")
+    p.add_argument("--max-new-tokens", type=bounded(int, 1), help="greedy decoding budget, within the model's context "
+                   "(default: the run's)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cpu, cuda:1")
-    p.add_argument("--method", help="for a checkpoint trained elsewhere: its method, e.g. coconut")
+    p.add_argument("--method", choices=METHODS, help="for a checkpoint trained elsewhere: its method")
     if dataset:
         p.add_argument("--dataset", choices=sorted(PAPER_RECIPE), help="... and its dataset")
 
@@ -136,16 +138,16 @@ def read_questions(run, path=None, n_thoughts=None, check=None):
 def main(argv=None):
     p = ArgumentParser(description="Answer the questions of a file with a trained model, graded as the paper does.")
     model_flags(p)
-    p.add_argument("--predictions", metavar="FILE", help="each question's output, gold answer and verdict, as jsonl")
+    p.add_argument("--predictions", type=nonempty, metavar="FILE", help="each question's output, gold answer and verdict, as jsonl")
     p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="questions answered at once")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
     p.add_argument("--threads", type=bounded(int, 1), help="CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     if ddp:
         p.error("evaluate.py runs in one process: python evaluate.py ..., not under torchrun")
-    if args.predictions and os.path.exists(args.predictions):
-        p.error(f"--predictions {args.predictions}: exists already; name a new file")
     with errors_in_one_line():
+        if args.predictions:
+            check_output(args.predictions, "--predictions")
         device, ctx = setup_device(args.device, args.dtype, args.threads)
         run = open_run(args.run, args)
         questions = read_questions(run, args.file, args.n_thoughts)
@@ -162,7 +164,8 @@ def main(argv=None):
                              output=outputs[i]["output"], answer=questions["records"][i]["answer"],
                              correct=outputs[i]["correct"]) for i in sorted(outputs)]
     if args.predictions:
-        write_jsonl(predictions, args.predictions)
+        with errors_in_one_line():
+            write_jsonl(predictions, args.predictions)
         print(f"wrote {len(predictions)} predictions to {args.predictions}")
 
 

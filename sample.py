@@ -25,7 +25,7 @@ import torch
 from analyze import node_values, thoughts_of
 from checkpoint import runs_in
 from coconut import build_example, collate, forward_passes
-from common import ArgumentParser, InputError, bounded, counts, errors_in_one_line
+from common import ArgumentParser, InputError, bounded, counts, errors_in_one_line, nonempty
 from data import bfs, children_of, decode, encode, grade
 from evaluate import check_fits, model_flags, open_run, read_questions
 
@@ -77,7 +77,7 @@ def main(argv=None):
     model_flags(p, default_run="the runs of the newest folder under out/")
     p.add_argument("--index", type=counts, help="which records of the file, e.g. 0,5,9 (default: the first 3)")
     p.add_argument("--num", type=bounded(int, 1), help="how many records from the first (default 3)")
-    p.add_argument("--question", help="ask this question instead (no gold answer to grade against)")
+    p.add_argument("--question", type=nonempty, help="ask this question instead (no gold answer to grade against)")
     p.add_argument("--top-k", type=bounded(int, 1), default=3, help="nodes and tokens shown per thought")
     args = p.parse_args(argv)
     for a, b in (("question", "file"), ("question", "index"), ("question", "num"), ("index", "num")):

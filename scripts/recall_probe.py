@@ -56,6 +56,8 @@ def main():
         p.error(f"--names {args.names}: a chain of {args.facts} facts needs at least {args.facts + 1} names")
     if args.queries > args.facts:
         p.error(f"--queries {args.queries}: at most --facts ({args.facts})")
+    if args.every > args.steps:
+        p.error(f"--every {args.every}: more than --steps {args.steps}, so nothing would be measured")
     if args.n_embd % args.n_head:
         p.error(f"--n-embd {args.n_embd}: not a multiple of --n-head {args.n_head}")
     with errors_in_one_line():

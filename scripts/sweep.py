@@ -27,6 +27,10 @@ sys.path.insert(0, ROOT)
 from common import ArgumentParser, InputError, bounded, counts, errors_in_one_line  # noqa: E402
 
 
+# train.py's flags that the sweep gives each run itself
+SET_BY_SWEEP = {"--seed", "--out-dir", "--name", "--threads", "--jobs", "--resume"}
+
+
 def last_line(path):
     with open(path) as f:
         return json.loads(f.read().splitlines()[-1])
@@ -78,12 +82,17 @@ def main():
     p.add_argument("--jobs", type=bounded(int, 1), default=2, help="runs at a time")
     p.add_argument("--analyze", action="store_true", help="also analyse each Coconut run")
     args = p.parse_args()
+    args.out = os.path.abspath(args.out)  # train.py runs from the repository's folder
     settings = []
     for setting in args.setting:
         label, colon, flags = setting.partition(":")
-        if not colon or not label.strip() or label.strip() in [s[0] for s in settings]:
+        label = label.strip()
+        if not colon or not label or label.replace(" ", "_") in [s[0].replace(" ", "_") for s in settings]:
             p.error(f'--setting {setting!r}: expected "label: train.py flags", each label once')
-        settings.append((label.strip(), shlex.split(flags)))
+        flags = [part for f in shlex.split(flags) for part in (f.split("=", 1) if f.startswith("--") else [f])]
+        for f in set(flags) & SET_BY_SWEEP:
+            p.error(f"--setting {label!r}: {f} is the sweep's to set (--seeds, --out)")
+        settings.append((label, flags))
     jobs = []
     for label, flags in settings:
         methods = flags[flags.index("--method") + 1].split(",") if "--method" in flags[:-1] else ["coconut"]

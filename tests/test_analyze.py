@@ -253,3 +253,10 @@ def test_analyze_refuses_bad_input(runs, tmp_path):
         r = run_script("analyze.py", *args, "--out", str(tmp_path / "out"))
         assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
         assert not os.path.exists(tmp_path / "out")
+    for args, expected in [
+        (["--out", prontoqa], "--out " + prontoqa + ": a file, not a folder"),
+        (["--out", os.path.join(prontoqa, "sub")], "is not a folder that can be written in"),
+        (["--references", f"{runs['cot']},{runs['cot']}"], runs["cot"] + " twice"),
+    ]:
+        r = run_script("analyze.py", runs["coconut"], *args)
+        assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)

@@ -198,6 +198,16 @@ def test_bad_checkpoints_and_flags_are_refused(official, tmp_path):
         (["checkpoint.py", official["coconut"], "--export", official["root"] / "data"], "not an empty folder"),
         (["checkpoint.py", official["coconut"], "--export", str(tmp_path / "x"), "--method", "coconut"],
          "unrecognized arguments: --method"),
+        (["evaluate.py", official["coconut"], "--method", "foo", "--dataset", "prosqa"], "--method: invalid choice"),
+        (["evaluate.py", *full, "--predictions", os.path.join(official["test"], "p.jsonl")],
+         "is not a folder that can be written in"),  # refused before the questions are answered
+        (["evaluate.py", *full, "--predictions", ""], "--predictions: must not be empty"),
+        (["sample.py", *full, "--question", " "], "--question: must not be empty"),
+        (["evaluate.py", "--method", "cot", "--dataset", "prosqa", str(tmp_path / "nothing.pt")],
+         "nothing.pt: no such checkpoint file"),
+        (["checkpoint.py", official["coconut"], "--export", os.path.join(official["test"], "sub")],
+         "is not a folder that can be written in"),
+        (["checkpoint.py", official["coconut"], "--export", ""], "--export: must not be empty"),
     ]
     for args, expected in cases:
         before = sorted(os.listdir(official["root"] / "data"))

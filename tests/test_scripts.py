@@ -49,10 +49,12 @@ def test_recall_probe_reports_accuracy(tmp_path):
 def test_sweep_trains_each_seed_once_and_reports_the_logs(tmp_path_factory):
     _, data_dir, _ = small_prosqa(tmp_path_factory, "sweep", 1, dict(train=16, valid=4, test=4), max_nodes=6,
                                   min_steps=1, max_steps=2)
-    out = str(tmp_path_factory.mktemp("sweep-out"))
+    here = tmp_path_factory.mktemp("sweep-cwd")  # a relative --out is the caller's, not the repository's
+    out = str(here / "sweeps")
     flags = " ".join(without(SINGLE_STAGE, "--epochs") + ["--epochs", "1", "--data-dir", data_dir])
-    args = ("scripts/sweep.py", "--out", out, "--seeds", "3,4", "--setting", f"tiny run: {flags} --method no-cot")
-    r = run(*args)
+    args = (os.path.join(ROOT, "scripts", "sweep.py"), "--out", "sweeps", "--seeds", "3,4",
+            "--setting", f"tiny run: {flags} --method=no-cot")
+    r = run(*args, cwd=here)
     assert r.returncode == 0, r.stderr
     for seed in (3, 4):
         final = read_log(os.path.join(out, "tiny_run", f"s{seed}", "no-cot"))[-1]
@@ -60,9 +62,12 @@ def test_sweep_trains_each_seed_once_and_reports_the_logs(tmp_path_factory):
     row = [line for line in r.stdout.splitlines() if line.startswith("| tiny run | no-cot | 2 |")]
     assert len(row) == 1
     before = snapshot(out)
-    again = run(*args)  # finished runs are read, not trained again
+    again = run(*args, cwd=here)  # finished runs are read, not trained again
     assert again.returncode == 0 and snapshot(out) == before and row[0] in again.stdout
 
     bad = run("scripts/sweep.py", "--out", out, "--seeds", "0", "--setting", "broken: --n-train -3")
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
     assert "'broken', seed 0" in bad.stderr and "--n-train" in bad.stderr
+    for setting in ("seeded: --seed 3", "twice: --epochs 1", "twice: --epochs 2"):  # the sweep sets seeds
+        bad = run("scripts/sweep.py", "--out", out, "--setting", "twice: --epochs 1", "--setting", setting)
+        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

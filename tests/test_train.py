@@ -323,6 +323,10 @@ def bad_inputs(tiny):
     files = lambda train: ["--train-file", str(train), "--valid-file", os.path.join(data, "valid.json"),  # noqa: E731
                            "--test-file", os.path.join(data, "test.json")]
     sized = without(TINY, "--n-layer", "--n-head", "--n-embd", "--block-size", "--vocab")
+    handmade = root / "handmade"  # splits that data.py did not generate: no generator.json
+    handmade.mkdir(exist_ok=True)
+    for split in ("train", "valid", "test"):
+        shutil.copy(os.path.join(data, f"{split}.json"), handmade)
     cases = [
         ("unknown dataset", ["--dataset", "mnist"], "invalid choice: 'mnist'"),
         ("unknown method", ["--method", "coconut,telepathy"], "unknown method 'telepathy'"),
@@ -351,6 +355,10 @@ def bad_inputs(tiny):
          "--max-nodes is a setting of the ProsQA generator"),
         ("generator with files", [*files(os.path.join(data, "train.json")), "--n-train", "5"],
          "--n-train is a setting of the generated data"),
+        ("generator of hand-made splits", ["--data-dir", str(handmade), "--max-nodes", "5"],
+         f"--max-nodes is a setting of the generator, and {handmade} holds splits it did not make"),
+        ("fresh hand-made splits", ["--data-dir", str(handmade), "--fresh-data"], "--fresh-data is a setting of"),
+        ("fresh data for one epoch", ["--epochs", "1", "--fresh-data"], "--fresh-data draws new questions"),
         ("jobs for one method", ["--jobs", "2"], "--jobs trains several --method"),
         ("name and out-dir", ["--name", "x"], "--name names a folder under out/"),
         ("resume of nothing", ["--resume"], "--resume: no run to resume"),
