@@ -390,8 +390,10 @@ def references_of(run_path, given, device):
         r for r in runs_in(os.path.dirname(os.path.dirname(os.path.abspath(run_path))))
         if os.path.basename(r) in ("cot", "no-cot")]
     for i, p in enumerate(paths):
-        if not p or os.path.abspath(p) in map(os.path.abspath, paths[:i]):
-            raise InputError(f"--references {given}: {'an empty name' if not p else p + ' twice'}")
+        if not p:
+            raise InputError(f"--references {given}: an empty name")
+        if os.path.abspath(p) in map(os.path.abspath, paths[:i]):
+            raise InputError(f"--references {given}: {p} twice")
     references = [load_run(p, device, dataset="prosqa") for p in paths]
     methods = [r.curriculum.method for r in references]
     return [(m if methods.count(m) == 1 else p, r) for m, p, r in zip(methods, paths, references)]
@@ -400,8 +402,10 @@ def references_of(run_path, given, device):
 def main(argv=None):
     p = ArgumentParser(description="The paper's analyses of what continuous thoughts hold, on ProsQA.")
     model_flags(p, dataset=False)  # the graphs are ProsQA's
-    p.add_argument("--out", type=nonempty, help="where figures and jsonl files go (default: RUN/analysis-<folder>-<file>)")
-    p.add_argument("--references", type=nonempty, help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
+    p.add_argument("--out", type=nonempty,
+                   help="where figures and jsonl files go (default: RUN/analysis-<folder>-<file>)")
+    p.add_argument("--references", type=nonempty,
+                   help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
                    "and no-cot runs beside RUN)")
     p.add_argument("--example", type=bounded(int, 0), help="the question of the worked example")
     p.add_argument("--batch-size", type=bounded(int, 1), default=100)

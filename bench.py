@@ -32,6 +32,7 @@ import data
 from checkpoint import coconut_of, save_checkpoint
 from coconut import Curriculum, build_example, collate
 from common import ArgumentParser, bounded, counts, errors_in_one_line, flag, given_flags, setup_device
+from config import default_micro_batch
 from model import GPT, GPTConfig
 from tests.reference import official_generate
 from train import Progress, train_epoch
@@ -140,7 +141,8 @@ def main():
     given = given_flags(sys.argv[1:])
     only_for = dict(train={"batch_size", "micro_batch_size", "steps", "stages", "repeats"},
                     generate={"baseline_prompts", "max_new_tokens"})
-    for name in sorted(given & only_for.get({"train": "generate", "generate": "train"}.get(args.only), set())):
+    unused = only_for["generate"] if args.only == "train" else only_for["train"] if args.only == "generate" else set()
+    for name in sorted(given & unused):
         p.error(f"{flag(name)} changes nothing with --only {args.only}")
     if max(args.stages) > 7:
         p.error(f"--stages {','.join(map(str, args.stages))}: ProsQA's stages are 0 to 7")
@@ -149,7 +151,7 @@ def main():
     gpu = args.device.startswith("cuda")
     args.size = args.size or ("gpt2" if gpu else "tiny")
     args.batch_size = args.batch_size or (128 if gpu else 16)
-    args.micro_batch_size = args.micro_batch_size or (min(64, args.batch_size) if gpu else 16)
+    args.micro_batch_size = args.micro_batch_size or default_micro_batch(args.batch_size, gpu)
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
     stages = args.stages

@@ -88,7 +88,8 @@ def read_checkpoint(path):
 
 def runs_in(folder):
     """The run folders (those with a best.pt) directly inside folder, by name."""
-    return sorted(os.path.join(folder, d) for d in os.listdir(folder) if os.path.exists(os.path.join(folder, d, "best.pt")))
+    return sorted(os.path.join(folder, d) for d in os.listdir(folder)
+                  if os.path.exists(os.path.join(folder, d, "best.pt")))
 
 
 def best_checkpoint(folder):
@@ -241,6 +242,9 @@ def export_hf(path, folder):
     tmp = f"{folder.rstrip(os.sep)}.{os.getpid()}.tmp"  # all files, then one rename: never half a folder
     try:
         os.makedirs(tmp)
+    except OSError as e:
+        raise CheckpointError(f"{folder}: cannot be made ({e.strerror or e})") from None
+    try:
         for name, text in files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
@@ -251,7 +255,7 @@ def export_hf(path, folder):
             os.rmdir(folder)  # empty, checked above
         os.rename(tmp, folder)
     except OSError as e:  # no space left, no permission: the user's to fix
-        raise CheckpointError(f"{folder}: cannot be written ({e.strerror or e})") from None
+        raise CheckpointError(f"{folder}: could not be written ({e.strerror or e}: {e.filename})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {folder}: a Hugging Face GPT-2, {gpt.get_num_params() / 1e6:.1f}M parameters, "
@@ -278,7 +282,8 @@ loads these weights). Padding and end of text are `<|endoftext|>` 50256.
 def main(argv=None):
     p = ArgumentParser(description="Write a trained model as a Hugging Face GPT-2 folder.")
     p.add_argument("run", type=nonempty, help="a run folder or checkpoint (ours, or the official code's)")
-    p.add_argument("--export", type=nonempty, metavar="DIR", required=True, help="a new folder for the Hugging Face files")
+    p.add_argument("--export", type=nonempty, metavar="DIR", required=True,
+                   help="a new folder for the Hugging Face files")
     args = p.parse_args(argv)
     with errors_in_one_line():
         check_output(args.export, "--export", new=False)

@@ -85,14 +85,17 @@ def nonempty(value):
 
 def check_output(path, name, new=True):
     """Refuse an output path now, before any work, rather than after it: one that exists (if it
-    must be new), or whose nearest existing folder is not a folder we may write in."""
+    must be new), one in no folder we may write in, or an existing folder we may not write in."""
     if new and os.path.exists(path):
         raise InputError(f"{name} {path}: exists already; name a new one")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{name} {path}: {folder} is not a folder that can be written in")
+    folders = [os.path.abspath(path)] if os.path.isdir(path) else []
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):  # folders still to be made go into the nearest existing one
+        above = os.path.dirname(above)
+    for folder in [above, *folders]:
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{name} {path}: {folder} is not a folder that can be written in")
+
 
 def write_atomic(path, write):
     """Write a file under a temporary name in its folder, then rename it: a kill never leaves a

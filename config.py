@@ -9,6 +9,7 @@ Every flag that would change nothing is refused rather than ignored: which curri
 method uses is found by asking coconut.py (ignored_flags), not written down a second time.
 """
 
+import math
 import os
 import random
 import sys
@@ -115,7 +116,7 @@ def get_args(argv=None):
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     args.out_dir = args.out_dir or os.path.join("out", args.name or args.dataset)
     args.methods = args.method.split(",")
-    args.micro_batch_size = args.micro_batch_size or (max(1, min(64, args.batch_size // world)) if on_gpu(args) else 16)
+    args.micro_batch_size = args.micro_batch_size or default_micro_batch(args.batch_size // world, on_gpu(args))
     check_args(p, args, given)
     return args
 
@@ -146,8 +147,8 @@ def check_args(p, args, given):
     elif (all(os.path.exists(os.path.join(args.data_dir, f"{s}.json")) for s in SPLITS)
           and not os.path.exists(os.path.join(args.data_dir, "generator.json"))):
         for name in sorted(given & (GENERATOR_FLAGS | {"fresh_data"})):
-            p.error(f"{flag(name)} is a setting of the generator, and {args.data_dir} holds splits it did not "
-                    f"make (no generator.json)")
+            p.error(f"{flag(name)} is a setting of the generator, and {args.data_dir} has no generator.json: "
+                    f"its splits were not made by it, or their settings are unknown")
     for name in sorted(given & set(GRAPH_FLAGS)):
         if args.dataset != "prosqa":
             p.error(f"{flag(name)} is a setting of the ProsQA generator, not of {args.dataset}'s")
@@ -163,11 +164,19 @@ def check_args(p, args, given):
         p.error("--epochs is the length of --stage all; --stage N trains for --epochs-per-stage epochs")
     if "jobs" in given and args.jobs > 1 and (len(args.methods) == 1 or ddp):
         p.error("--jobs trains several --method side by side, in one process each (not under torchrun)")
+    if args.batch_size < world:
+        p.error(f"--batch-size {args.batch_size}: fewer rows than the {world} processes")
     if args.batch_size % (args.micro_batch_size * world):
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size "
                 f"{args.micro_batch_size} x {world} processes")
     if "name" in given and "out_dir" in given:
         p.error("--name names a folder under out/: give it or --out-dir, not both")
+
+
+def default_micro_batch(rows, gpu):
+    """Rows in one pass by default: as many as the device takes at once (64 on a GPU, 16 on a CPU)
+    that divide a process's share of the batch."""
+    return math.gcd(rows, 64 if gpu else 16)
 
 
 def on_gpu(args):

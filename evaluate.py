@@ -86,7 +86,8 @@ def model_flags(p, dataset=True, default_run=None):
     p.add_argument("run", type=nonempty, nargs="?" if default_run else None, help="a run folder or checkpoint "
                    f"(ours, or the official code's: then --method{' and --dataset' * dataset})"
                    f"{f'; default: {default_run}' if default_run else ''}")
-    p.add_argument("--file", type=nonempty, help="an official-format JSON file of questions (default: the run's test file)")
+    p.add_argument("--file", type=nonempty,
+                   help="an official-format JSON file of questions (default: the run's test file)")
     p.add_argument("--n-thoughts", type=counts, help="thoughts per question, e.g. 0,1,2 (default: as trained)")
     p.add_argument("--max-new-tokens", type=bounded(int, 1), help="greedy decoding budget, within the model's context "
                    "(default: the run's)")
@@ -138,7 +139,8 @@ def read_questions(run, path=None, n_thoughts=None, check=None):
 def main(argv=None):
     p = ArgumentParser(description="Answer the questions of a file with a trained model, graded as the paper does.")
     model_flags(p)
-    p.add_argument("--predictions", type=nonempty, metavar="FILE", help="each question's output, gold answer and verdict, as jsonl")
+    p.add_argument("--predictions", type=nonempty, metavar="FILE",
+                   help="each question's output, gold answer and verdict, as jsonl")
     p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="questions answered at once")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
     p.add_argument("--threads", type=bounded(int, 1), help="CPU threads (default: torch's choice)")

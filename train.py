@@ -29,7 +29,8 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, Run, coconut_of, fetch_weights, load_model, read_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from coconut import build_example, collate
-from common import InputError, barrier, ddp, errors_in_one_line, flag, master, rank, setup_device, world, write_atomic, write_jsonl
+from common import (InputError, barrier, ddp, errors_in_one_line, flag, master, rank, setup_device, world, write_atomic,
+                    write_jsonl)
 from config import GENERATOR_FLAGS, GRAPH_FLAGS, RUNTIME_FLAGS, SIZE_FLAGS, curriculum_of, get_args
 from data import SPLITS, DataError, Vocab, fresh_records, gsm8k_help, load_split, prepare_splits, tokenize_record
 from evaluate import check_fits, evaluate

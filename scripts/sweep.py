@@ -10,7 +10,8 @@ Each setting is a label and the flags of train.py; every method of a setting tra
 of its own (--method a,b,c is split; Coconut alone when no --method is given), into
 <out>/<label>/s<seed>/<method>. A run already finished is read, not trained again, so a sweep that
 was stopped continues where it was. With --analyze, each Coconut run is also analysed (analyze.py)
-and its ablations and frontier figures reported.
+and its ablations and frontier figures reported. Paths are read from the folder the sweep runs in,
+as train.py reads them; every setting is checked by train.py's parser before any run starts.
 """
 
 import json
@@ -24,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import ArgumentParser, InputError, bounded, counts, errors_in_one_line  # noqa: E402
+from common import ArgumentParser, InputError, bounded, check_output, counts, errors_in_one_line  # noqa: E402
+from config import get_args  # noqa: E402
 
 
 # train.py's flags that the sweep gives each run itself
@@ -49,7 +51,7 @@ def train(job):
         os.makedirs(os.path.join(run_dir, method), exist_ok=True)
         train_log = os.path.join(run_dir, method, "train.log")
         with open(train_log, "a") as f:
-            failed = subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+            failed = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT).returncode
         if failed:
             with open(train_log) as f:
                 last = f.read().strip().splitlines()[-1:] or [""]
@@ -61,11 +63,38 @@ def analyse(run_dir):
     """analyze.py's summary of a Coconut run on its test split (read if there already)."""
     summary = os.path.join(run_dir, "analysis", "summary.json")
     if not os.path.exists(summary):
-        subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), run_dir, "--device", "cpu",
-                        "--out", os.path.join(run_dir, "analysis")], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), run_dir, "--device", "cpu",
+                            "--out", os.path.join(run_dir, "analysis")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if r.returncode:
+            raise InputError(f"{run_dir}: analyze.py failed ({(r.stderr.strip().splitlines() or [''])[-1]})")
     with open(summary) as f:
         return json.load(f)
+
+
+def jobs_of(p, setting, args):
+    """The (label, flags, seed, method, out) of a --setting "label: train.py flags", one for each
+    seed and method; its flags checked now by train.py's own parser, before any run starts."""
+    label, colon, flags = setting.partition(":")
+    label = label.strip()
+    if not colon or not label:
+        p.error(f'--setting {setting!r}: expected "label: train.py flags"')
+    flags = [part for f in shlex.split(flags) for part in (f.split("=", 1) if f.startswith("--") else [f])]
+    for f in sorted(set(flags) & SET_BY_SWEEP):
+        p.error(f"--setting {label!r}: {f} is the sweep's to set (--seeds, --out)")
+    if flags.count("--method") > 1 or flags[-1:] == ["--method"]:
+        p.error(f"--setting {label!r}: --method once, with a value (a,b,c for several)")
+    methods = flags[flags.index("--method") + 1].split(",") if "--method" in flags else ["coconut"]
+    flags = [f for i, f in enumerate(flags) if f != "--method" and (i == 0 or flags[i - 1] != "--method")]
+    if len(set(methods)) < len(methods):
+        p.error(f"--setting {label!r}: --method {','.join(methods)} names a method twice")
+    out = os.path.join(args.out, label.replace(" ", "_"))
+    for method in methods:
+        try:
+            get_args([*flags, "--method", method, "--seed", str(args.seeds[0]), "--out-dir", out])
+        except SystemExit as e:
+            raise InputError(f"setting {label!r}: {str(e.code).removeprefix('error: ')}") from None
+    return [(label, flags, seed, m, args.out) for seed in args.seeds for m in methods]
 
 
 def cell(values):
@@ -82,22 +111,14 @@ def main():
     p.add_argument("--jobs", type=bounded(int, 1), default=2, help="runs at a time")
     p.add_argument("--analyze", action="store_true", help="also analyse each Coconut run")
     args = p.parse_args()
-    args.out = os.path.abspath(args.out)  # train.py runs from the repository's folder
-    settings = []
-    for setting in args.setting:
-        label, colon, flags = setting.partition(":")
-        label = label.strip()
-        if not colon or not label or label.replace(" ", "_") in [s[0].replace(" ", "_") for s in settings]:
-            p.error(f'--setting {setting!r}: expected "label: train.py flags", each label once')
-        flags = [part for f in shlex.split(flags) for part in (f.split("=", 1) if f.startswith("--") else [f])]
-        for f in set(flags) & SET_BY_SWEEP:
-            p.error(f"--setting {label!r}: {f} is the sweep's to set (--seeds, --out)")
-        settings.append((label, flags))
-    jobs = []
-    for label, flags in settings:
-        methods = flags[flags.index("--method") + 1].split(",") if "--method" in flags[:-1] else ["coconut"]
-        flags = [f for i, f in enumerate(flags) if f != "--method" and (i == 0 or flags[i - 1] != "--method")]
-        jobs += [(label, flags, seed, m, args.out) for seed in args.seeds for m in methods]
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: a file, not a folder")
+    if len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seeds {','.join(map(str, args.seeds))}: a seed twice")
+    check_output(args.out, "--out", new=False)
+    jobs = [job for setting in args.setting for job in jobs_of(p, setting, args)]
+    if len({job[0].replace(" ", "_") for job in jobs}) < len({job[0] for job in jobs}):
+        p.error("--setting: two labels name one folder (spaces become _): each label once")
     t0, results = time.time(), {}
     with ThreadPoolExecutor(args.jobs) as pool:
         for (label, _, seed, method, _), final in pool.map(train, jobs):

@@ -204,7 +204,7 @@ def test_bad_checkpoints_and_flags_are_refused(official, tmp_path):
         (["evaluate.py", *full, "--predictions", ""], "--predictions: must not be empty"),
         (["sample.py", *full, "--question", " "], "--question: must not be empty"),
         (["evaluate.py", "--method", "cot", "--dataset", "prosqa", str(tmp_path / "nothing.pt")],
-         "nothing.pt: no such checkpoint file"),
+         f"error: {tmp_path / 'nothing.pt'}: no such checkpoint file\n"),  # named once
         (["checkpoint.py", official["coconut"], "--export", os.path.join(official["test"], "sub")],
          "is not a folder that can be written in"),
         (["checkpoint.py", official["coconut"], "--export", ""], "--export: must not be empty"),

@@ -65,9 +65,11 @@ def test_sweep_trains_each_seed_once_and_reports_the_logs(tmp_path_factory):
     again = run(*args, cwd=here)  # finished runs are read, not trained again
     assert again.returncode == 0 and snapshot(out) == before and row[0] in again.stdout
 
-    bad = run("scripts/sweep.py", "--out", out, "--seeds", "0", "--setting", "broken: --n-train -3")
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
-    assert "'broken', seed 0" in bad.stderr and "--n-train" in bad.stderr
-    for setting in ("seeded: --seed 3", "twice: --epochs 1", "twice: --epochs 2"):  # the sweep sets seeds
-        bad = run("scripts/sweep.py", "--out", out, "--setting", "twice: --epochs 1", "--setting", setting)
-        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    before = snapshot(out)
+    for setting, expected in (("broken: --n-train -3", "setting 'broken': argument --n-train: must be at least 1"),
+                              ("seeded: --seed=3", "--setting 'seeded': --seed is the sweep's to set"),
+                              ("twice: --method cot --method no-cot", "--method once"),
+                              ("tiny_run: --epochs 1", "two labels name one folder")):
+        bad = run("scripts/sweep.py", "--out", out, "--setting", f"tiny run: {flags}", "--setting", setting)
+        assert bad.returncode == 1 and expected in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+    assert snapshot(out) == before  # refused before anything ran

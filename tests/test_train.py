@@ -356,7 +356,7 @@ def bad_inputs(tiny):
         ("generator with files", [*files(os.path.join(data, "train.json")), "--n-train", "5"],
          "--n-train is a setting of the generated data"),
         ("generator of hand-made splits", ["--data-dir", str(handmade), "--max-nodes", "5"],
-         f"--max-nodes is a setting of the generator, and {handmade} holds splits it did not make"),
+         f"--max-nodes is a setting of the generator, and {handmade} has no generator.json"),
         ("fresh hand-made splits", ["--data-dir", str(handmade), "--fresh-data"], "--fresh-data is a setting of"),
         ("fresh data for one epoch", ["--epochs", "1", "--fresh-data"], "--fresh-data draws new questions"),
         ("jobs for one method", ["--jobs", "2"], "--jobs trains several --method"),
