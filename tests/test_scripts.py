@@ -9,11 +9,15 @@ import os
 import random
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import small_prosqa  # noqa: E402
+from compact_prosqa import compact  # noqa: E402
 from recall_probe import sequence  # noqa: E402
+from common import InputError  # noqa: E402
 from test_train import SINGLE_STAGE, read_log, run, snapshot, without  # noqa: E402
 
 
@@ -73,3 +77,20 @@ def test_sweep_trains_each_seed_once_and_reports_the_logs(tmp_path_factory):
         bad = run("scripts/sweep.py", "--out", out, "--setting", f"tiny run: {flags}", "--setting", setting)
         assert bad.returncode == 1 and expected in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert snapshot(out) == before  # refused before anything ran
+
+
+RECORD = dict(question="Every fox is a owl. Tom is a fox. Tom is a cat. Every cat is a hen. Is Tom a owl or hen?",
+              steps=["Tom is a fox.", "Every fox is a owl."], answer="Tom is a owl.", root=0)
+
+
+def test_compact_prosqa_writes_facts_as_pairs():
+    assert compact(RECORD, "r") == dict(question="fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen",
+                                        steps=["Tom fox .", "fox owl ."], answer="Tom owl", root=0)
+    lookup = compact(RECORD, "r", random.Random(0))
+    assert lookup["steps"] == [] and lookup["question"] == "fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen"
+    restated = lookup["answer"].split(" . ")
+    assert sorted(f.rstrip(" .") for f in restated) == ["Tom cat", "Tom fox", "cat hen", "fox owl"]
+    with pytest.raises(InputError, match="r: the question does not end in"):
+        compact(dict(RECORD, question="Every fox is a owl. Is Tom a owl?"), "r")
+    with pytest.raises(InputError, match="'Tom has a fox.' is not a ProsQA fact"):
+        compact(dict(RECORD, steps=["Tom has a fox."]), "r")
