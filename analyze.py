@@ -428,9 +428,7 @@ def main(argv=None):
         name = f"analysis-{os.path.basename(folder)}-{os.path.splitext(file)[0]}"
         run_folder = run.path if os.path.isdir(run.path) else os.path.dirname(os.path.abspath(run.path))
         out = args.out or os.path.join(run_folder, name)
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise InputError(f"--out {out}: a file, not a folder")
-        check_output(out, "--out", new=False)
+        check_output(out, "--out", new=False, folder=True)
     args.max_new_tokens = args.max_new_tokens or run.args.max_new_tokens
     t0 = time.time()
     table, sweep_rows = ksweep(run, questions, ks, references, args)

@@ -32,15 +32,16 @@ import data
 from checkpoint import coconut_of, save_checkpoint
 from coconut import Curriculum, build_example, collate
 from common import ArgumentParser, bounded, counts, errors_in_one_line, flag, given_flags, setup_device
-from config import default_micro_batch
+from config import PAPER_RECIPE, default_micro_batch
 from model import GPT, GPTConfig
 from tests.reference import official_generate
 from train import Progress, train_epoch
 
 SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2 124M, OpenAI's vocabulary
          "tiny": dict(n_layer=2, n_head=4, n_embd=128)}  # the CPU preset's model, the data's vocabulary
-SCHEDULE = [min(e // 5, 7) for e in range(50)]  # the stage of each of the paper's 50 ProsQA epochs
-N_QUESTIONS = 17886  # ProsQA's training split
+STAGES = Curriculum().stages  # the paper's ProsQA curriculum: stages 0 to 7
+SCHEDULE = Curriculum().schedule("all", PAPER_RECIPE["prosqa"]["epochs"])  # the stage of each epoch
+N_QUESTIONS = data.PAPER_SIZES["prosqa"]["train"]
 
 
 def timed(fn):
@@ -110,8 +111,8 @@ def bench_generation(run, tokens, args, ctx):
 
 def bench_checkpoint(run):
     """Seconds to save the model and an AdamW state, as train.py does after every epoch."""
-    optimizer = run.model.gpt.configure_optimizers(0.01, 1e-4, device_type="cpu" if not torch.cuda.is_available()
-                                                   else "cuda")
+    device_type = run.model.gpt.lm_head.weight.device.type
+    optimizer = run.model.gpt.configure_optimizers(0.01, 1e-4, device_type=device_type)
     for p in run.model.gpt.parameters():  # AdamW's moments exist after a first step
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -129,7 +130,7 @@ def main():
     p.add_argument("--batch-size", type=count, help="rows per optimizer step (default: 128 on a GPU, else 16)")
     p.add_argument("--micro-batch-size", type=count, help="default: as train.py's on this device")
     p.add_argument("--steps", type=count, default=4, help="optimizer steps timed per stage")
-    p.add_argument("--stages", type=counts, default=list(range(8)), help="the stages whose loop is timed, 0 to 7")
+    p.add_argument("--stages", type=counts, default=STAGES, help="the stages whose loop is timed, 0 to 7")
     p.add_argument("--only", choices=["train", "generate"], help="run one of the benchmarks")
     p.add_argument("--repeats", type=count, default=3, help="timed fixed steps per variant")
     p.add_argument("--baseline-prompts", type=bounded(int, 1, 64), default=8,
@@ -144,7 +145,7 @@ def main():
     unused = only_for["generate"] if args.only == "train" else only_for["train"] if args.only == "generate" else set()
     for name in sorted(given & unused):
         p.error(f"{flag(name)} changes nothing with --only {args.only}")
-    if max(args.stages) > 7:
+    if max(args.stages) > STAGES[-1]:
         p.error(f"--stages {','.join(map(str, args.stages))}: ProsQA's stages are 0 to 7")
     with errors_in_one_line():
         args.device, ctx = setup_device(args.device, "auto", args.threads)
@@ -154,7 +155,6 @@ def main():
     args.micro_batch_size = args.micro_batch_size or default_micro_batch(args.batch_size, gpu)
     if args.batch_size % args.micro_batch_size:
         p.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {args.micro_batch_size}")
-    stages = args.stages
 
     torch.manual_seed(0)
     # ProsQA at the paper's settings; random weights never say eos, so every prompt decodes all its tokens
@@ -169,7 +169,7 @@ def main():
     if args.only in (None, "train"):
         print(f"\ntraining loop (train_epoch), {args.steps} steps of varying length per stage:")
         speed = {}
-        for s in stages:
+        for s in args.stages:
             speed[s] = bench_loop(run, tokens, s, args, ctx)
             print(f"  stage {s}: {speed[s]:9.0f} tokens/s")
         t_coconut, t_plain, n_tokens = bench_step(run, tokens, ctx, args)
@@ -180,13 +180,14 @@ def main():
               f"   ratio {t_coconut / t_plain:.2f}x")
         if 7 in speed:
             print(f"  train.py's loop at stage 7  {speed[7] / (n_tokens / t_plain):8.2f}x the plain step's tokens/s")
-        if set(stages) == set(range(8)):
+        if set(args.stages) == set(STAGES):
             epoch_tokens = {s: sum(len(build_example(t, run.curriculum, s)["input_ids"]) for t in tokens)
-                            / len(tokens) * N_QUESTIONS for s in stages}
+                            / len(tokens) * N_QUESTIONS for s in STAGES}
             loop = sum(epoch_tokens[s] / speed[s] for s in SCHEDULE)
             save, size = bench_checkpoint(run)
-            print(f"\nthe paper's ProsQA schedule (50 epochs of {N_QUESTIONS} questions) at these speeds: "
-                  f"{loop / 3600:.2f} hours of training loop, plus {50 * save / 60:.1f} minutes saving a "
+            epochs = len(SCHEDULE)
+            print(f"\nthe paper's ProsQA schedule ({epochs} epochs of {N_QUESTIONS} questions) at these speeds: "
+                  f"{loop / 3600:.2f} hours of training loop, plus {epochs * save / 60:.1f} minutes saving a "
                   f"{size / 1e9:.2f} GB checkpoint after each epoch ({save:.1f} s each); validation not included")
     if args.only in (None, "generate"):
         bench_generation(run, tokens, args, ctx)

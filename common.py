@@ -83,11 +83,14 @@ def nonempty(value):
 # -----------------------------------------------------------------------------
 # Files
 
-def check_output(path, name, new=True):
+def check_output(path, name, new=True, folder=False):
     """Refuse an output path now, before any work, rather than after it: one that exists (if it
-    must be new), one in no folder we may write in, or an existing folder we may not write in."""
+    must be new), a file where a folder is to be (folder=True), one in no folder we may write in,
+    or an existing folder we may not write in."""
     if new and os.path.exists(path):
         raise InputError(f"{name} {path}: exists already; name a new one")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{name} {path}: a file, not a folder")
     folders = [os.path.abspath(path)] if os.path.isdir(path) else []
     above = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(above):  # folders still to be made go into the nearest existing one

@@ -17,7 +17,7 @@ from dataclasses import fields, replace
 
 from coconut import METHODS, Curriculum, build_example
 from common import ArgumentParser, bounded, ddp, flag, given_flags, world
-from data import SPLITS
+from data import NAMES, OTHER_OPTIONS, SPLITS
 
 # The paper's training recipe per dataset (Section 4.1 and the official configs): thoughts per
 # step, latent stages, epochs, and the greedy decoding budget of its evaluation.
@@ -74,8 +74,8 @@ def get_args(argv=None):
         g.add_argument(f"--{split}-file"), g.add_argument(f"--n-{split}", type=count)
     g.add_argument("--max-nodes", type=bounded(int, 4), help="ProsQA graph size (paper: 28)")
     g.add_argument("--min-steps", type=count), g.add_argument("--max-steps", type=count)
-    g.add_argument("--names", choices=["paper", "short"], help="ProsQA names: the paper's, or one token each")
-    g.add_argument("--other-option", choices=["any", "same-depth"], help="ProsQA's wrong option: any leaf of "
+    g.add_argument("--names", choices=sorted(NAMES), help="ProsQA names: the paper's, or one token each")
+    g.add_argument("--other-option", choices=OTHER_OPTIONS, help="ProsQA's wrong option: any leaf of "
                    "another person (the paper's), or one as far from it as the answer from the root")
     g.add_argument("--min-root-children", type=count, help="ProsQA: the root has at least this many (paper: 1)")
     g.add_argument("--data-seed", type=int, default=0)
@@ -140,15 +140,17 @@ def check_args(p, args, given):
             p.error(f"{flag(name)} is for --init scratch: --init {args.init} brings its own")
     elif (args.n_embd or 768) % (args.n_head or 12):
         p.error(f"--n-embd {args.n_embd or 768} is not a multiple of --n-head {args.n_head or 12}")
+    not_generated = None  # why the generator's flags cannot apply to the data
     if any(getattr(args, f"{s}_file") for s in SPLITS) or args.dataset == "gsm8k":
-        for name in sorted(given & (GENERATOR_FLAGS | {"fresh_data"})):
-            p.error(f"{flag(name)} is a setting of the generated data, not of "
-                    f"{'GSM8k' if args.dataset == 'gsm8k' else 'given --train/valid/test-file'}")
+        not_generated = (f"the generated data, not of "
+                         f"{'GSM8k' if args.dataset == 'gsm8k' else 'given --train/valid/test-file'}")
     elif (all(os.path.exists(os.path.join(args.data_dir, f"{s}.json")) for s in SPLITS)
           and not os.path.exists(os.path.join(args.data_dir, "generator.json"))):
+        not_generated = (f"the generator, and {args.data_dir} has no generator.json: its splits were not made "
+                         f"by it, or their settings are unknown")
+    if not_generated:
         for name in sorted(given & (GENERATOR_FLAGS | {"fresh_data"})):
-            p.error(f"{flag(name)} is a setting of the generator, and {args.data_dir} has no generator.json: "
-                    f"its splits were not made by it, or their settings are unknown")
+            p.error(f"{flag(name)} is a setting of {not_generated}")
     for name in sorted(given & set(GRAPH_FLAGS)):
         if args.dataset != "prosqa":
             p.error(f"{flag(name)} is a setting of the ProsQA generator, not of {args.dataset}'s")

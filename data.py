@@ -255,6 +255,7 @@ SHORT_PERSONS = "Alex Bob Carol Davis Eva Gabriel Jack Max Oliver Polly Rex Sall
 SHORT_CONCEPTS = ("bat bear bee cat cod cow crab crow cub deer dog dove duck fish fox frog goat gull hawk "
                   "hen hog kid lamb lion mole moth pig pup ram rat rook seal slug sole sow wolf worm yak").split()
 NAMES = {"paper": (PERSONS, PROSQA_CONCEPTS), "short": (SHORT_PERSONS, SHORT_CONCEPTS)}
+OTHER_OPTIONS = ("any", "same-depth")  # the wrong option: any leaf of another person, or one at the answer's depth
 
 
 def poisson(rng, lam):
@@ -666,9 +667,10 @@ def main(argv=None):
     parser.add_argument("--min-steps", type=bounded(int, 1), help="ProsQA: shortest answer path (paper: 3)")
     parser.add_argument("--max-steps", type=bounded(int, 1), help="ProsQA: longest answer path (paper: 6)")
     parser.add_argument("--names", choices=sorted(NAMES), help="ProsQA: the paper's names, or one token each")
-    parser.add_argument("--other-option", choices=["any", "same-depth"], help="ProsQA: the wrong option is any "
+    parser.add_argument("--other-option", choices=OTHER_OPTIONS, help="ProsQA: the wrong option is any "
                         "leaf of another person (the paper's), or one as far from it as the answer from the root")
-    parser.add_argument("--min-root-children", type=bounded(int, 1), help="ProsQA: the root's fewest children (paper: 1)")
+    parser.add_argument("--min-root-children", type=bounded(int, 1),
+                        help="ProsQA: the root's fewest children (paper: 1)")
     parser.add_argument("--from", dest="source", help="gsm8k: the downloaded .txt or .json file")
     parser.add_argument("--stats", metavar="FILE", help="print the statistics of a JSON data file")
     args = parser.parse_args(argv)

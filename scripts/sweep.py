@@ -111,11 +111,9 @@ def main():
     p.add_argument("--jobs", type=bounded(int, 1), default=2, help="runs at a time")
     p.add_argument("--analyze", action="store_true", help="also analyse each Coconut run")
     args = p.parse_args()
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out}: a file, not a folder")
     if len(set(args.seeds)) < len(args.seeds):
         p.error(f"--seeds {','.join(map(str, args.seeds))}: a seed twice")
-    check_output(args.out, "--out", new=False)
+    check_output(args.out, "--out", new=False, folder=True)
     jobs = [job for setting in args.setting for job in jobs_of(p, setting, args)]
     if len({job[0].replace(" ", "_") for job in jobs}) < len({job[0] for job in jobs}):
         p.error("--setting: two labels name one folder (spaces become _): each label once")
