@@ -9,6 +9,7 @@ Flow of the repository: data -> model -> coconut -> config -> checkpoint -> eval
     python analyze.py RUN --file data/prosqa/test.json --out results/
 
 The results go to RUN's folder, in analysis-<data folder>-<file name>/ (e.g. analysis-prosqa-small-test).
+ProsQA's sentences and the compact format of scripts/compact_prosqa.py ("X Y ." facts) are both read.
 
 1. k-sweep (Figure 5). The same model gets k = 0, 1, ... thoughts, then writes the rest of the chain
    in language. Each output is classified by the path it writes (the answer line aside): Correct
@@ -19,7 +20,8 @@ The results go to RUN's folder, in analysis-<data folder>-<file name>/ (e.g. ana
    scored as references.
 2. Node values (Figures 7, 9). After thought k the model is made to start the next step in
    language, "Every": the value of a node is the probability of its name there (the product over
-   its tokens). Frontier nodes are split into those that can still reach the target and those
+   its tokens); in the compact format of scripts/compact_prosqa.py a step starts with its
+   subject's name, so nothing is forced. Frontier nodes are split into those that can still reach the target and those
    that cannot, by height.
    The frontier test: how often the top-valued node of all is a frontier node, against chance.
 3. Parallelism (Figure 8): the summed value of the top-1, top-2, top-3 frontier nodes.
@@ -59,7 +61,8 @@ from evaluate import evaluate, model_flags, open_run, read_questions
 
 CATEGORIES = ("Correct Path", "Longer Path", "Hallucination", "Wrong Target", "Correct Label",
               "Incorrect Label")
-STEP = re.compile(r"(?:Every )?(\w+) is a (\w+)\.")
+# a step: "Every X is a Y." or "Tom is a Y.", or "X Y ." in the compact format of scripts/compact_prosqa.py
+STEP = re.compile(r"(?:Every )?(\w+) is a (\w+)\.|(\w+) (\w+) \.")
 
 
 # -----------------------------------------------------------------------------
@@ -81,15 +84,17 @@ def score(model, batch):
 def node_values(run, questions, k, batch_size=256):
     """For each (tokens, record) of a ProsQA question, {node: value} after k thoughts: the
     probability of the node's name right after the forced start of a step, "Every" (the product
-    over its tokens; nodes with a parent: the others are never an "Every")."""
-    every, rows, examples = encode("Every"), [], []
+    over its tokens; nodes with a parent: the others are never an "Every"). In the compact format
+    a step starts a line with its subject's name: nothing is forced, and the name has no space."""
+    rows, examples = [], []
     for q, (tokens, record) in enumerate(questions):
         prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=k)["input_ids"]
+        sentences = " is a " in record["answer"]
+        prompt = prompt + (encode("Every") if sentences else [])
         for node in sorted({v for _, v in record["edges"]}):
-            name = encode(" " + record["idx_to_symbol"][node])
+            name = encode(" " * sentences + record["idx_to_symbol"][node])
             rows.append((q, node))
-            labels = [-100] * (len(prompt) + len(every)) + name
-            examples.append({"input_ids": prompt + every + name, "labels": labels})
+            examples.append({"input_ids": prompt + name, "labels": [-100] * len(prompt) + name})
     values = [{} for _ in questions]
     device = run.model.gpt.lm_head.weight.device
     for i in range(0, len(examples), batch_size):
@@ -185,9 +190,10 @@ def classify(record, output, k):
     path = []
     for step in steps:
         m = STEP.fullmatch(step)
-        if not m or m.group(1) not in index or m.group(2) not in index:
+        u, v = (m.group(1) or m.group(3), m.group(2) or m.group(4)) if m else (None, None)
+        if u not in index or v not in index:
             return "Hallucination"  # not a fact about the graph's nodes
-        path.append((index[m.group(1)], index[m.group(2)]))
+        path.append((index[u], index[v]))
     children = children_of(record)
     if any(e not in edges for e in path) or any(a[1] != b[0] for a, b in zip(path, path[1:])):
         return "Hallucination"  # an edge the graph does not have, or a broken chain

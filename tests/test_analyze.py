@@ -61,6 +61,27 @@ def test_classify_hand_built_outputs(k, output, category):
     assert classify(RECORD, output, k) == category
 
 
+# RECORD in the compact format of scripts/compact_prosqa.py: facts "X Y .", the answer "Tom d"
+COMPACT = dict(RECORD, steps=["Tom b .", "b d ."], answer="Tom d")
+
+
+@pytest.mark.parametrize("k, output, category", [
+    (0, "Tom b .\nb d .\n### Tom d", "Correct Path"),
+    (0, "Tom a .\na c .\nc d .\n### Tom d", "Longer Path"),
+    (0, "Tom c .\nc d .\n### Tom d", "Hallucination"),  # no edge Tom -> c
+    (0, "Tom zorpus .\n### Tom d", "Hallucination"),  # no such node
+    (0, "Tom is a b.\nEvery b is a d.\n### Tom d", "Correct Path"),  # sentences still parse
+    (0, "Tom b\n### Tom d", "Hallucination"),  # not a fact: no final " ."
+    (0, "Tom a .\na f .\n### Tom f", "Wrong Target"),
+    (1, "b d .\n### Tom d", "Correct Path"),
+    (1, "c d .\n### Tom d", "Hallucination"),  # c is not 1 step from Tom
+    (2, "### Tom d", "Correct Label"),
+    (2, "### Tom e", "Incorrect Label"),
+])
+def test_classify_compact_outputs(k, output, category):
+    assert classify(COMPACT, output, k) == category
+
+
 def test_layers_and_heights_of_a_hand_built_dag():
     children = children_of(RECORD)
     assert reached_in(children, N["Tom"], 1) == {N["a"], N["b"], N["g"]}
@@ -73,26 +94,34 @@ def test_layers_and_heights_of_a_hand_built_dag():
     assert {name: (short[N[name]], long[N[name]]) for name in NAMES} == expected
 
 
-def test_node_values_equal_a_naive_recomputation():
+SYMBOLS = ["Tom", "lempus", "grimpus", "zhorpus", "sterpus", "yumpus", "gorpus", "wumpus", "Ann"]
+SENTENCES = dict(RECORD, idx_to_symbol=SYMBOLS,
+                 question="Tom is a lempus. Every lempus is a zhorpus. Is Tom a sterpus or yumpus?",
+                 steps=["Tom is a grimpus.", "Every grimpus is a sterpus."], answer="Tom is a sterpus.")
+COMPACT_SYMBOLS = dict(RECORD, idx_to_symbol=SYMBOLS, question="Tom lempus . lempus zhorpus . ? Tom sterpus yumpus",
+                       steps=["Tom grimpus .", "grimpus sterpus ."], answer="Tom sterpus")
+
+
+# a step is forced to start with "Every", and a name follows it with a space; in the compact format
+# nothing is forced and a name starts the line
+@pytest.mark.parametrize("record, forced, space", [(SENTENCES, "Every", " "), (COMPACT_SYMBOLS, "", "")])
+def test_node_values_equal_a_naive_recomputation(record, forced, space):
     """The value of a node after k thoughts: the product, over its name's tokens, of each token's
-    probability after "Every" and the tokens before it; recomputed here one token at a time,
-    the whole sequence through the GPT with its thoughts filled in the paper's way, no cache."""
+    probability after the forced start of a step and the tokens before it; recomputed here one
+    token at a time, the whole sequence through the GPT with its thoughts filled in the paper's
+    way, no cache."""
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=160, vocab_size=50260, n_layer=2, n_head=2, n_embd=32)).eval()
-    record = dict(RECORD, idx_to_symbol=["Tom", "lempus", "grimpus", "zhorpus", "sterpus", "yumpus", "gorpus",
-                                         "wumpus", "Ann"],
-                  question="Tom is a lempus. Every lempus is a zhorpus. Is Tom a sterpus or yumpus?",
-                  steps=["Tom is a grimpus.", "Every grimpus is a sterpus."], answer="Tom is a sterpus.")
     tokens = tokenize_record(record)
     curriculum = Curriculum(c=1, max_latent_stage=2)
     run = Run(Coconut(gpt), Vocab(), curriculum, stage=3)
     for k in (1, 2):  # the run was trained at 2 thoughts: after thought 1 only one of them runs
         values = node_values(run, [(tokens, record)], k, batch_size=3)[0]
-        prompt = build_example(tokens, curriculum, 3, prompt_only=True, n_thoughts=k)["input_ids"] + encode("Every")
+        prompt = build_example(tokens, curriculum, 3, prompt_only=True, n_thoughts=k)["input_ids"] + encode(forced)
         assert set(values) == {v for _, v in record["edges"]}
         for node, value in values.items():
             ids, expected = prompt, 0.0
-            for token in encode(" " + record["idx_to_symbol"][node]):
+            for token in encode(space + record["idx_to_symbol"][node]):
                 with torch.no_grad():
                     logits = gpt(embeds=naive_thoughts(gpt, ids))[0][0, -1]
                 expected += torch.log_softmax(logits, -1)[token].item()
