@@ -115,7 +115,7 @@ def main():
         p.error(f"--seeds {','.join(map(str, args.seeds))}: a seed twice")
     check_output(args.out, "--out", new=False, folder=True)
     jobs = [job for setting in args.setting for job in jobs_of(p, setting, args)]
-    if len({job[0].replace(" ", "_") for job in jobs}) < len({job[0] for job in jobs}):
+    if len({job[0].replace(" ", "_") for job in jobs}) < len(args.setting):  # a label twice, or two alike
         p.error("--setting: two labels name one folder (spaces become _): each label once")
     t0, results = time.time(), {}
     with ThreadPoolExecutor(args.jobs) as pool:

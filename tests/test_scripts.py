@@ -73,7 +73,8 @@ def test_sweep_trains_each_seed_once_and_reports_the_logs(tmp_path_factory):
     for setting, expected in (("broken: --n-train -3", "setting 'broken': argument --n-train: must be at least 1"),
                               ("seeded: --seed=3", "--setting 'seeded': --seed is the sweep's to set"),
                               ("twice: --method cot --method no-cot", "--method once"),
-                              ("tiny_run: --epochs 1", "two labels name one folder")):
+                              ("tiny_run: --epochs 1", "two labels name one folder"),
+                              ("tiny run: --epochs 1", "two labels name one folder")):
         bad = run("scripts/sweep.py", "--out", out, "--setting", f"tiny run: {flags}", "--setting", setting)
         assert bad.returncode == 1 and expected in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert snapshot(out) == before  # refused before anything ran
