@@ -21,8 +21,8 @@ ProsQA's sentences and the compact format of scripts/compact_prosqa.py ("X Y ." 
 2. Node values (Figures 7, 9). After thought k the model is made to start the next step in
    language, "Every": the value of a node is the probability of its name there (the product over
    its tokens); in the compact format of scripts/compact_prosqa.py a step starts with its
-   subject's name, so nothing is forced. Frontier nodes are split into those that can still reach the target and those
-   that cannot, by height.
+   subject's name, so nothing is forced. Frontier nodes are split into those that can still reach
+   the target and those that cannot, by height.
    The frontier test: how often the top-valued node of all is a frontier node, against chance.
 3. Parallelism (Figure 8): the summed value of the top-1, top-2, top-3 frontier nodes.
 4. Do the thoughts carry the answer? The model is asked for the answer right after its thoughts
