@@ -85,14 +85,14 @@ def node_values(run, questions, k, batch_size=256):
     """For each (tokens, record) of a ProsQA question, {node: value} after k thoughts: the
     probability of the node's name right after the forced start of a step, "Every" (the product
     over its tokens; nodes with a parent: the others are never an "Every"). In the compact format
-    a step starts a line with its subject's name: nothing is forced, and the name has no space."""
+    a step starts with its subject's name: nothing is forced. Either way the name has its space."""
     rows, examples = [], []
     for q, (tokens, record) in enumerate(questions):
         prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=k)["input_ids"]
         sentences = " is a " in record["answer"]
         prompt = prompt + (encode("Every") if sentences else [])
         for node in sorted({v for _, v in record["edges"]}):
-            name = encode(" " * sentences + record["idx_to_symbol"][node])
+            name = encode(" " + record["idx_to_symbol"][node])
             rows.append((q, node))
             examples.append({"input_ids": prompt + name, "labels": [-100] * len(prompt) + name})
     values = [{} for _ in questions]

@@ -10,7 +10,10 @@ took a small model from scratch past chance on questions that need the chain.
     python scripts/compact_prosqa.py data/sd-source data/sd-lookup --lookup
 
 A fact "Every X is a Y." or "Tom is a Y." becomes "X Y ." (one token a name with --names short),
-the question "Is Tom a A or B?" becomes "? Tom A B", and the answer "Tom A". With --lookup, each
+the question "Is Tom a A or B?" becomes "? Tom A B", a step " X Y ." and the answer "Tom A". A step
+starts with a space because it starts a line: without it the name that opens the line would be
+another token than the same name in the question (often two), and a thought that stands for a
+node could not be the name's own token. With --lookup, each
 record's answer restates all its facts in a random order instead: every fact's second name is a
 lookup, the skill a ProsQA step needs, asked for as often as a question has facts. Its source
 should be generated with another --seed; a question it shares with the task would show its facts
@@ -47,7 +50,7 @@ def compact(record, where, rng=None):
     question = " ".join(facts) + f" ? {match[1]} {match[2]} {match[3]}"
     if rng is not None:
         return dict(record, question=question, steps=[], answer=" ".join(rng.sample(facts, len(facts))))
-    steps = [compact_fact(s, where) for s in record["steps"]]
+    steps = [" " + compact_fact(s, where) for s in record["steps"]]
     return dict(record, question=question, steps=steps, answer=compact_fact(record["answer"], where)[:-2])
 
 

@@ -61,12 +61,13 @@ def test_classify_hand_built_outputs(k, output, category):
     assert classify(RECORD, output, k) == category
 
 
-# RECORD in the compact format of scripts/compact_prosqa.py: facts "X Y .", the answer "Tom d"
-COMPACT = dict(RECORD, steps=["Tom b .", "b d ."], answer="Tom d")
+# RECORD in the compact format of scripts/compact_prosqa.py: facts "X Y .", steps " X Y .", the answer "Tom d"
+COMPACT = dict(RECORD, steps=[" Tom b .", " b d ."], answer="Tom d")
 
 
 @pytest.mark.parametrize("k, output, category", [
-    (0, "Tom b .\nb d .\n### Tom d", "Correct Path"),
+    (0, " Tom b .\n b d .\n### Tom d", "Correct Path"),
+    (0, "Tom b .\nb d .\n### Tom d", "Correct Path"),  # without the steps' leading spaces
     (0, "Tom a .\na c .\nc d .\n### Tom d", "Longer Path"),
     (0, "Tom c .\nc d .\n### Tom d", "Hallucination"),  # no edge Tom -> c
     (0, "Tom zorpus .\n### Tom d", "Hallucination"),  # no such node
@@ -99,13 +100,13 @@ SENTENCES = dict(RECORD, idx_to_symbol=SYMBOLS,
                  question="Tom is a lempus. Every lempus is a zhorpus. Is Tom a sterpus or yumpus?",
                  steps=["Tom is a grimpus.", "Every grimpus is a sterpus."], answer="Tom is a sterpus.")
 COMPACT_SYMBOLS = dict(RECORD, idx_to_symbol=SYMBOLS, question="Tom lempus . lempus zhorpus . ? Tom sterpus yumpus",
-                       steps=["Tom grimpus .", "grimpus sterpus ."], answer="Tom sterpus")
+                       steps=[" Tom grimpus .", " grimpus sterpus ."], answer="Tom sterpus")
 
 
 # a step is forced to start with "Every", and a name follows it with a space; in the compact format
-# nothing is forced and a name starts the line
-@pytest.mark.parametrize("record, forced, space", [(SENTENCES, "Every", " "), (COMPACT_SYMBOLS, "", "")])
-def test_node_values_equal_a_naive_recomputation(record, forced, space):
+# nothing is forced, and the step's own leading space comes before the name
+@pytest.mark.parametrize("record, forced", [(SENTENCES, "Every"), (COMPACT_SYMBOLS, "")])
+def test_node_values_equal_a_naive_recomputation(record, forced):
     """The value of a node after k thoughts: the product, over its name's tokens, of each token's
     probability after the forced start of a step and the tokens before it; recomputed here one
     token at a time, the whole sequence through the GPT with its thoughts filled in the paper's
@@ -121,7 +122,7 @@ def test_node_values_equal_a_naive_recomputation(record, forced, space):
         assert set(values) == {v for _, v in record["edges"]}
         for node, value in values.items():
             ids, expected = prompt, 0.0
-            for token in encode(space + record["idx_to_symbol"][node]):
+            for token in encode(" " + record["idx_to_symbol"][node]):
                 with torch.no_grad():
                     logits = gpt(embeds=naive_thoughts(gpt, ids))[0][0, -1]
                 expected += torch.log_softmax(logits, -1)[token].item()

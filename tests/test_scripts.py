@@ -18,6 +18,7 @@ from conftest import small_prosqa  # noqa: E402
 from compact_prosqa import compact  # noqa: E402
 from recall_probe import sequence  # noqa: E402
 from common import InputError  # noqa: E402
+from data import decode, encode, tokenize_record  # noqa: E402
 from test_train import SINGLE_STAGE, read_log, run, snapshot, without  # noqa: E402
 
 
@@ -84,9 +85,17 @@ RECORD = dict(question="Every fox is a owl. Tom is a fox. Tom is a cat. Every ca
               steps=["Tom is a fox.", "Every fox is a owl."], answer="Tom is a owl.", root=0)
 
 
+def test_compact_steps_spell_names_as_the_question_does():
+    """A step starts a line: its names must still be the question's tokens, so that the name a
+    thought stands for is one the model has read."""
+    tokens = tokenize_record(compact(RECORD, "r"))
+    for step in tokens["steps"]:
+        assert set(step) - set(encode("\n")) <= set(tokens["question"]), [decode([t]) for t in step]
+
+
 def test_compact_prosqa_writes_facts_as_pairs():
     assert compact(RECORD, "r") == dict(question="fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen",
-                                        steps=["Tom fox .", "fox owl ."], answer="Tom owl", root=0)
+                                        steps=[" Tom fox .", " fox owl ."], answer="Tom owl", root=0)
     lookup = compact(RECORD, "r", random.Random(0))
     assert lookup["steps"] == [] and lookup["question"] == "fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen"
     restated = lookup["answer"].split(" . ")
