@@ -17,7 +17,7 @@ from dataclasses import fields, replace
 
 from coconut import METHODS, Curriculum, build_example
 from common import ArgumentParser, bounded, ddp, flag, given_flags, world
-from data import NAMES, OTHER_OPTIONS, SPLITS
+from data import FORMATS, NAMES, OTHER_OPTIONS, SPLITS
 
 # The paper's training recipe per dataset (Section 4.1 and the official configs): thoughts per
 # step, latent stages, epochs, and the greedy decoding budget of its evaluation.
@@ -48,7 +48,7 @@ PRESETS = {
 RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "eval_batch_size",
                  "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset", "given"}
 SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
-GRAPH_FLAGS = ("max_nodes", "min_steps", "max_steps", "names", "other_option", "min_root_children")  # ProsQA's
+GRAPH_FLAGS = ("max_nodes", "min_steps", "max_steps", "names", "other_option", "min_root_children", "format")  # ProsQA's
 GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "data_seed", *GRAPH_FLAGS}
 CURRICULUM_FLAGS = tuple(f.name for f in fields(Curriculum) if f.name != "method")
 
@@ -78,6 +78,8 @@ def get_args(argv=None):
     g.add_argument("--other-option", choices=OTHER_OPTIONS, help="ProsQA's wrong option: any leaf of "
                    "another person (the paper's), or one as far from it as the answer from the root")
     g.add_argument("--min-root-children", type=count, help="ProsQA: the root has at least this many (paper: 1)")
+    g.add_argument("--format", choices=FORMATS, help="ProsQA: the paper's sentences, facts as 'X Y .', or the "
+                   "lookup task (answers restate the facts)")
     g.add_argument("--data-seed", type=int, default=0)
     g.add_argument("--fresh-data", action="store_true", help="every epoch after the first trains on new "
                    "questions from the generator of --data-dir (never a validation or test one)")

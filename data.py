@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 from collections import Counter, deque
 
@@ -281,13 +282,14 @@ def bfs(children, source):
 
 
 def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6, names="paper", other_option="any",
-                  min_root_children=1):
+                  min_root_children=1, format="paper"):
     """One ProsQA record, or None when the graph is rejected (about 1 in 10 at the paper's settings).
 
     Beyond the paper's: names "short" (one token each); other_option "same-depth": both options as
     many facts from the nearest person as the answer is from the root (the paper's is any leaf of
     the other person, most often one fact from it on small graphs: one lookup then tells the two
-    apart, no search); min_root_children, so that the first step has several candidates."""
+    apart, no search); min_root_children, so that the first step has several candidates; format
+    (FORMATS) "compact" or "lookup" (see compact)."""
     # 1-2. grow a DAG; label bit 1 = descends from node 0, bit 2 = descends from node 1
     parents, label, depth = [[], []], [1, 2], [0, 0]
     for n in range(2, max_nodes):
@@ -362,16 +364,43 @@ def prosqa_record(rng, max_nodes=28, min_steps=3, max_steps=6, names="paper", ot
     options = [name[target], name[neg_target]]
     rng.shuffle(options)
     new = {old: i for i, old in enumerate(keep)}  # reindex without the dropped nodes
-    return dict(question=" ".join(facts) + f" Is {name[root]} a {options[0]} or {options[1]}?",
-                steps=[sentence(u, v) for u, v in zip(path, path[1:])],
-                answer=f"{name[root]} is a {name[target]}.",
-                idx_to_symbol=[name[i] for i in keep],
-                edges=[[new[u], new[v]] for u, v in edges],
-                root=new[root], target=new[target], neg_target=new[neg_target])
+    record = dict(question=" ".join(facts) + f" Is {name[root]} a {options[0]} or {options[1]}?",
+                  steps=[sentence(u, v) for u, v in zip(path, path[1:])],
+                  answer=f"{name[root]} is a {name[target]}.",
+                  idx_to_symbol=[name[i] for i in keep],
+                  edges=[[new[u], new[v]] for u, v in edges],
+                  root=new[root], target=new[target], neg_target=new[neg_target])
+    return record if format == "paper" else compact(record, lookup=format == "lookup")
+
+
+# --format compact: a fact "Every X is a Y." or "Tom is a Y." becomes "X Y .", the query "Is Tom a A
+# or B?" becomes "? Tom A B", a step " X Y ." and the answer "Tom A": a third of the paper's tokens,
+# so that a 2-layer model learns the lookup a step needs in minutes. --format lookup: the same
+# questions, each answered by restating all its facts in a random order, so that every fact's
+# second name is a lookup to learn (the pretraining of the CPU preset, as GPT-2's stands behind
+# the paper's models).
+FORMATS = ("paper", "compact", "lookup")
+FACT = re.compile(r"(?:Every )?(\S+) is a ([^\s.]+)\.")
+QUERY = re.compile(r"Is (\S+) a (\S+) or ([^\s?]+)\?")
+
+
+def compact(record, lookup=False):
+    """A ProsQA record of the paper's format in the compact format (graph fields kept), or its
+    lookup question. A step starts with a space because it starts a line: without it, the name
+    that opens the line would be other tokens than the same name in the question, and a thought
+    that stands for a node could not be that name's own token."""
+    body, query = record["question"].rsplit(". ", 1)
+    facts = [" ".join(FACT.fullmatch(f + ".").groups()) + " ." for f in body.split(". ")]
+    question = " ".join(facts) + " ? " + " ".join(QUERY.fullmatch(query).groups())
+    if lookup:  # the order of its own, drawn from the question: the generator's stream is left as it is
+        restated = random.Random(record["question"]).sample(facts, len(facts))
+        return dict(record, question=question, steps=[], answer=" ".join(restated))
+    steps = [" " + " ".join(FACT.fullmatch(s).groups()) + " ." for s in record["steps"]]
+    return dict(record, question=question, steps=steps, answer=" ".join(FACT.fullmatch(record["answer"]).groups()))
 
 
 PROSQA_DEFAULTS = dict(max_nodes=28, min_steps=3, max_steps=6, names="paper", other_option="any",
-                      min_root_children=1)
+                      min_root_children=1, format="paper")
 
 
 def unique_records(make, rng, n, progress, desc, max_tries=10000):
@@ -671,6 +700,8 @@ def main(argv=None):
                         "leaf of another person (the paper's), or one as far from it as the answer from the root")
     parser.add_argument("--min-root-children", type=bounded(int, 1),
                         help="ProsQA: the root's fewest children (paper: 1)")
+    parser.add_argument("--format", choices=FORMATS, help="ProsQA: the paper's sentences, facts written "
+                        "'X Y .', or the lookup task (answers restate the facts)")
     parser.add_argument("--from", dest="source", help="gsm8k: the downloaded .txt or .json file")
     parser.add_argument("--stats", metavar="FILE", help="print the statistics of a JSON data file")
     args = parser.parse_args(argv)

@@ -469,7 +469,8 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert run_cli("--dataset", "prosqa", "--out", out, *sizes).returncode == 0
     with open(os.path.join(out, "generator.json")) as f:  # how train.py recognizes the folder
         assert json.load(f) == dict(dataset="prosqa", seed=0, sizes=dict(train=5, valid=2, test=2), max_nodes=28,
-                                    min_steps=3, max_steps=6, names="paper", other_option="any", min_root_children=1)
+                                    min_steps=3, max_steps=6, names="paper", other_option="any", min_root_children=1,
+                                    format="paper")
     p = run_cli("--dataset", "prosqa", "--out", out, *sizes)
     assert p.returncode == 1 and "--overwrite" in p.stderr and p.stderr.count("\n") == 1
     assert run_cli("--dataset", "prosqa", "--out", out, "--overwrite", *sizes).returncode == 0
