@@ -2,14 +2,11 @@
 What the continuous thoughts hold: the paper's analyses of latent reasoning on ProsQA (Hao et al.,
 2024, Section 5, Figures 5-9), for a trained run, with tables, figures and the data behind them.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
     python analyze.py out/cpu-small/coconut        # after python train.py --preset cpu
     python analyze.py RUN --file data/prosqa/test.json --out results/
 
 The results go to RUN's folder, in analysis-<data folder>-<file name>/ (e.g. analysis-prosqa-small-test).
-ProsQA's sentences and the compact format of scripts/compact_prosqa.py ("X Y ." facts) are both read.
+ProsQA's sentences and its compact format (data.py --format compact: "X Y ." facts) are both read.
 
 1. k-sweep (Figure 5). The same model gets k = 0, 1, ... thoughts, then writes the rest of the chain
    in language. Each output is classified by the path it writes (the answer line aside): Correct
@@ -20,8 +17,7 @@ ProsQA's sentences and the compact format of scripts/compact_prosqa.py ("X Y ." 
    scored as references.
 2. Node values (Figures 7, 9). After thought k the model is made to start the next step in
    language, "Every": the value of a node is the probability of its name there (the product over
-   its tokens); in the compact format of scripts/compact_prosqa.py a step starts with its
-   subject's name, so nothing is forced. Frontier nodes are split into those that can still reach
+   its tokens); in the compact format a step starts with its subject's name, so nothing is forced. Frontier nodes are split into those that can still reach
    the target and those that cannot, by height.
    The frontier test: how often the top-valued node of all is a frontier node, against chance.
 3. Parallelism (Figure 8): the summed value of the top-1, top-2, top-3 frontier nodes.
@@ -32,7 +28,7 @@ ProsQA's sentences and the compact format of scripts/compact_prosqa.py ("X Y ." 
    (a) for GPT-2 on the paper's ProsQA.
 5. A worked example (Figures 6-7): one question's graph, its node values and its outputs at each k.
 
-Where the paper is silent, we decided (the README says why):
+Where the paper is silent, we decided:
 - k thoughts stand for k hidden steps (c = 1, as for ProsQA): a partial path is valid when its
   first node is exactly k edges from the root and it then follows edges of the graph;
 - the frontier after thought k is the nodes whose shortest distance from the root is k (a BFS
@@ -50,35 +46,22 @@ from collections import Counter
 from contextlib import nullcontext
 
 import torch
-from torch.nn import functional as F
 
-from checkpoint import load_run, runs_in
-from coconut import build_example, collate, stage_layout
+from checkpoint import runs_in
+from coconut import stage_layout
 from common import (ArgumentParser, InputError, bounded, check_output, errors_in_one_line, nonempty, pick_device,
                     write_atomic, write_jsonl)
 from data import bfs, check_graph, children_of, decode, encode, grade
-from evaluate import evaluate, model_flags, open_run, read_questions
+from evaluate import evaluate, load_run, model_flags, open_run, read_questions
 
 CATEGORIES = ("Correct Path", "Longer Path", "Hallucination", "Wrong Target", "Correct Label",
               "Incorrect Label")
-# a step: "Every X is a Y." or "Tom is a Y.", or "X Y ." in the compact format of scripts/compact_prosqa.py
+# a step: "Every X is a Y." or "Tom is a Y.", or "X Y ." in the compact format
 STEP = re.compile(r"(?:Every )?(\w+) is a (\w+)\.|(\w+) (\w+) \.")
 
 
 # -----------------------------------------------------------------------------
 # Probes: what a model makes of a continuation, and its thoughts
-
-@torch.no_grad()
-def score(model, batch):
-    """Per row of a collated batch, the log-probability of its labelled tokens, each given all
-    that comes before it (thoughts included): how likely the model finds a continuation."""
-    hidden = model.think(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    targets = batch["labels"][:, 1:]
-    supervised = targets != -100
-    logp = F.log_softmax(model.gpt.lm_head(hidden[:, :-1][supervised]).float(), dim=-1)
-    logp = logp.gather(1, targets[supervised][:, None])[:, 0]
-    return torch.zeros(len(targets), device=logp.device).index_add_(0, supervised.nonzero()[:, 0], logp)
-
 
 @torch.no_grad()
 def node_values(run, questions, k, batch_size=256):
@@ -88,17 +71,17 @@ def node_values(run, questions, k, batch_size=256):
     a step starts with its subject's name: nothing is forced. Either way the name has its space."""
     rows, examples = [], []
     for q, (tokens, record) in enumerate(questions):
-        prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=k)["input_ids"]
+        prompt = run.example(tokens, prompt_only=True, n_thoughts=k)["input_ids"]
         sentences = " is a " in record["answer"]
-        prompt = prompt + (encode("Every") if sentences else [])
+        prompt = prompt + (run.vocab.to_model(encode("Every")) if sentences else [])
         for node in sorted({v for _, v in record["edges"]}):
-            name = encode(" " + record["idx_to_symbol"][node])
+            name = run.vocab.to_model(encode(" " + record["idx_to_symbol"][node]))
             rows.append((q, node))
             examples.append({"input_ids": prompt + name, "labels": [-100] * len(prompt) + name})
     values = [{} for _ in questions]
-    device = run.model.gpt.lm_head.weight.device
     for i in range(0, len(examples), batch_size):
-        logp = score(run.model, collate(examples[i:i + batch_size], device=device, vocab=run.vocab))
+        # the log-probability of the name: minus its summed cross-entropy, the thoughts before it
+        logp = -run.model(**run.batch(examples[i:i + batch_size]), per_row=True)
         for (q, node), value in zip(rows[i:i + batch_size], logp.exp().tolist()):
             values[q][node] = value
     return values
@@ -112,15 +95,12 @@ def ablations(run, questions, batch_size, k):
     """{ablation: accuracy} of the answer asked for right after k thoughts: the model's own, none
     (no slots), those of the next question in the file (k-th for k-th), or random vectors of the
     same norm (a fixed generator, so that the table repeats)."""
-    answer_start = encode("###")
-    prompts = [build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=k)["input_ids"] + answer_start
-               for t in questions["tokens"]]
-    no_slots = [build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=0)["input_ids"] + answer_start
-                for t in questions["tokens"]]
+    answer_start = run.vocab.to_model(encode("###"))
+    prompts = [run.example(t, prompt_only=True, n_thoughts=k)["input_ids"] + answer_start for t in questions["tokens"]]
+    no_slots = [run.example(t, prompt_only=True, n_thoughts=0)["input_ids"] + answer_start for t in questions["tokens"]]
     device = run.model.gpt.lm_head.weight.device
     batches = [range(i, min(i + batch_size, len(prompts))) for i in range(0, len(prompts), batch_size)]
-    batch_of = lambda rows, p: collate([{"input_ids": p[i]} for i in rows], for_generation=True, device=device,  # noqa: E731
-                                       vocab=run.vocab)
+    batch_of = lambda rows, p: run.batch([{"input_ids": p[i]} for i in rows], for_generation=True)  # noqa: E731
     own = torch.cat([torch.stack(thoughts_of(run.model, batch_of(rows, prompts))) for rows in batches])
     other = own.roll(-1, dims=0)  # question i gets the thoughts of question i + 1
     noise = torch.Generator(device=device).manual_seed(0)
@@ -148,7 +128,7 @@ def thoughts_of(model, batch):
     """Per row of a collated batch, its continuous thoughts as a (n_thoughts, C) tensor: a thought
     is the last hidden state of the position before its <|latent|> slot."""
     hidden = model.think(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    slots = (batch["input_ids"] == model.latent_id) & model.feedback
+    slots = (batch["input_ids"] == model.special.latent) & model.feedback
     return [hidden[i, slots[i].nonzero().flatten() - 1] for i in range(len(hidden))]
 
 

@@ -29,12 +29,13 @@ from types import SimpleNamespace
 import torch
 
 import data
-from checkpoint import coconut_of, save_checkpoint
-from coconut import Curriculum, build_example, collate
+from checkpoint import save_checkpoint
+from coconut import Coconut, Curriculum, build_example
 from common import ArgumentParser, bounded, counts, errors_in_one_line, flag, given_flags, setup_device
 from config import PAPER_RECIPE, default_micro_batch
 from model import GPT, GPTConfig
 from tests.reference import official_generate
+from evaluate import Run
 from train import Progress, train_epoch
 
 SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2 124M, OpenAI's vocabulary
@@ -57,23 +58,22 @@ def timed(fn):
 def bench_loop(run, tokens, stage, args, ctx):
     """tokens/s of train.py's loop at a stage, over args.steps batches of varying length (after
     one step of warm-up)."""
-    examples = [build_example(t, run.curriculum, stage) for t in tokens]
+    examples = [build_example(t, run.curriculum, stage, special=run.vocab.special) for t in tokens]
     optimizer = run.model.gpt.configure_optimizers(0.01, 1e-4, device_type=args.device.split(":")[0])
     loop_args = SimpleNamespace(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                                 learning_rate=1e-4, warmup_iters=0, grad_clip=0.0)
     with open(os.devnull, "w") as quiet, redirect_stdout(quiet), redirect_stderr(quiet):  # no progress lines
-        train_epoch(run.model, run.vocab, optimizer, examples[:args.batch_size], Progress(), loop_args, ctx, "")
+        train_epoch(run, run.model, optimizer, examples[:args.batch_size], Progress(), loop_args, ctx, "")
         part = examples[args.batch_size:args.batch_size * (args.steps + 1)]
-        _, n_tokens, seconds, _ = train_epoch(run.model, run.vocab, optimizer, part, Progress(), loop_args, ctx, "")
+        _, n_tokens, seconds, _ = train_epoch(run, run.model, optimizer, part, Progress(), loop_args, ctx, "")
     return n_tokens / seconds
 
 
 def bench_step(run, tokens, ctx, args):
     """Seconds of one optimizer-free training step on one fixed micro-batch at the last stage:
     Coconut's, and a plain one over the same tokens (the thoughts not fed back: one pass)."""
-    batch = collate([build_example(t, run.curriculum, 7) for t in tokens[:args.micro_batch_size]],
-                    device=args.device, vocab=run.vocab)
-    plain = coconut_of(run.model.gpt, run.vocab, Curriculum(method="pause"))
+    batch = run.batch([run.example(t) for t in tokens[:args.micro_batch_size]])
+    plain = Coconut(run.model.gpt, run.vocab.special, feedback=False)
 
     def step(model):
         run.model.gpt.zero_grad(set_to_none=True)
@@ -90,17 +90,16 @@ def bench_step(run, tokens, ctx, args):
 
 
 def bench_generation(run, tokens, args, ctx):
-    prompts = [build_example(t, run.curriculum, 7, prompt_only=True)["input_ids"] for t in tokens[:64]]
-    batch = collate([{"input_ids": p} for p in prompts], for_generation=True, device=args.device, vocab=run.vocab)
+    prompts = [run.example(t, prompt_only=True)["input_ids"] for t in tokens[:64]]
+    batch = run.batch([{"input_ids": p} for p in prompts], for_generation=True)
     run.model.eval()
     ours, baseline = [], []
     with ctx:
         run.model.generate(**batch, max_new_tokens=2)  # warm-up
         t_ours = timed(lambda: ours.extend(run.model.generate(**batch, max_new_tokens=args.max_new_tokens)))
-    mapped = [run.vocab.to_model(p) for p in prompts[:args.baseline_prompts]]
-    eos, latent = run.vocab.to_model([data.EOS, data.LATENT])
+    eos, latent = run.vocab.special.eos, run.vocab.special.latent
     t_base = timed(lambda: baseline.extend(official_generate(run.model.gpt, p, args.max_new_tokens, eos, latent)
-                                           for p in mapped))
+                                           for p in prompts[:args.baseline_prompts]))
     t_base = t_base / args.baseline_prompts * len(prompts)
     same = sum(a == b for a, b in zip(ours, baseline))
     print(f"\ngeneration, {len(prompts)} ProsQA prompts with 6 thoughts, up to {args.max_new_tokens} new tokens:")
@@ -161,8 +160,9 @@ def main():
     n = args.batch_size * (args.steps + 1)
     tokens = [data.tokenize_record(r) for r in data.generate_prosqa(max(n, 2000), seed=0)]
     vocab = data.Vocab.of(tokens) if args.size == "tiny" else data.Vocab()
+    tokens = [vocab.map_tokens(t) for t in tokens]
     gpt = GPT(GPTConfig(vocab_size=vocab.size, dropout=0.1, **SIZES[args.size])).to(args.device)
-    run = SimpleNamespace(model=coconut_of(gpt, vocab, Curriculum()), vocab=vocab, curriculum=Curriculum())
+    run = Run(Coconut(gpt, vocab.special), vocab, Curriculum(), stage=7)
     print(f"device {args.device}, {torch.get_num_threads()} CPU threads, model {args.size} "
           f"({gpt.get_num_params() / 1e6:.1f}M parameters), batch {args.batch_size} in micro-batches of "
           f"{args.micro_batch_size}, {'bf16 autocast' if gpu else 'float32'}")
@@ -181,7 +181,8 @@ def main():
         if 7 in speed:
             print(f"  train.py's loop at stage 7  {speed[7] / (n_tokens / t_plain):8.2f}x the plain step's tokens/s")
         if set(args.stages) == set(STAGES):
-            epoch_tokens = {s: sum(len(build_example(t, run.curriculum, s)["input_ids"]) for t in tokens)
+            epoch_tokens = {s: sum(len(build_example(t, run.curriculum, s, special=vocab.special)["input_ids"])
+                                   for t in tokens)
                             / len(tokens) * N_QUESTIONS for s in STAGES}
             loop = sum(epoch_tokens[s] / speed[s] for s in SCHEDULE)
             save, size = bench_checkpoint(run)

@@ -1,10 +1,7 @@
 """
-Checkpoints in and out: every format a model comes in, turned into a model ready to answer.
+Checkpoints in and out: every format a model comes in, turned into a GPT and its vocabulary.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
-What it reads, by what it finds (load_model, load_run):
+What it reads, by what it finds (load_model; evaluate.load_run makes a model ready to answer of it):
 - a run of train.py: a run folder (its best.pt) or any .pt it wrote (ckpt.pt, best.pt), which
   carries the model, its vocabulary, the curriculum flags and the stage it was trained at, and,
   for ckpt.pt, what a resumed run needs (optimizer, RNG states: rng_state);
@@ -12,25 +9,23 @@ What it reads, by what it finds (load_model, load_run):
   such as the state dicts the official code saves (official_tensors); these do not say their
   method and dataset, which load_run must be told.
 What it writes: our checkpoints, atomically (save_checkpoint), and a model in the Hugging Face
-layout (export_hf; `python checkpoint.py RUN --export DIR`).
+layout (export_hf; `python checkpoint.py RUN --export DIR`). Which run folders train.py may write
+in, and which checkpoint it resumes from, are decided here too (check_run_folders, resume_checkpoint).
 Every file is loaded with torch.load(weights_only=True): loading a checkpoint never runs code.
 """
 
-import argparse
 import json
 import os
 import pickle
 import random
 import shutil
 import zipfile
-from dataclasses import dataclass
 
 import torch
 
-from coconut import Coconut, Curriculum
-from common import ArgumentParser, InputError, check_output, errors_in_one_line, nonempty, write_atomic
-from config import PAPER_RECIPE, curriculum_of
-from data import EOS, LATENT, N_VOCAB, SPECIAL_TOKENS, Vocab, bpe_dir, encode
+from common import ArgumentParser, InputError, check_output, errors_in_one_line, flag, nonempty, write_atomic
+from config import RUNTIME_FLAGS
+from data import EOS, N_VOCAB, SPECIAL_TOKENS, Vocab, bpe_dir, encode
 from model import GPT, HUB_MODELS, WEIGHT_FILES, GPTConfig, WeightsUnavailable, fetch_from_hub, read_gpt2_weights
 
 
@@ -83,6 +78,43 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint")
+    return ckpt
+
+
+def check_run_folders(chain):
+    """Before any work, for the runs of train.py's flags (each link of a chain: config.get_chain):
+    never overwrite a run without --resume, and resume only what can be. A run killed in its first
+    epoch (no ckpt.pt, no log.jsonl yet) starts again, as does a link of a chain not yet reached;
+    a folder that lost its ckpt.pt but has a log is refused rather than overwritten."""
+    runs = [os.path.join(args.out_dir, m) for args in chain for m in args.methods]
+    resume, out_dir = chain[-1].resume, chain[-1].out_dir
+    for run_dir in runs:
+        kept = [f for f in ("ckpt.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(run_dir, f))]
+        if kept and not resume:
+            raise CheckpointError(f"{run_dir} already holds a run: pass --resume to continue it, or "
+                                  f"choose another --out-dir")
+        if "log.jsonl" in kept and "ckpt.pt" not in kept:
+            raise CheckpointError(f"{run_dir} holds {' and '.join(kept)} but no ckpt.pt to resume from: "
+                                  f"move it away, or choose another --out-dir")
+    started = ("ckpt.pt", "args.json")  # args.json is written when a run starts
+    if resume and not any(os.path.exists(os.path.join(d, f)) for d in runs for f in started):
+        raise CheckpointError(f"--resume: no run to resume in {out_dir} (no <method>/ckpt.pt there)")
+
+
+def resume_checkpoint(run_dir, flags, data):
+    """The checkpoint of the run to resume (None for a new run), if it was trained with the same
+    flags (but RUNTIME_FLAGS) on the same data, compared by content: the files may have moved."""
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return None
+    ckpt = read_checkpoint(path)
+    changed = [k for k, v in flags.items() if k not in RUNTIME_FLAGS and ckpt["args"].get(k) != v]
+    if changed:
+        raise CheckpointError(f"{path} was trained with different settings: " + ", ".join(
+            f"{flag(k)} {ckpt['args'].get(k)} (now {flags[k]})" for k in changed))
+    for split, d in data.items():
+        if ckpt["data"][split] != d["sha256"]:
+            raise CheckpointError(f"{d['path']} is not the {split} data that {path} was trained on")
     return ckpt
 
 
@@ -154,52 +186,6 @@ def fetch_weights(name):
         return fetch_from_hub(name)
     except WeightsUnavailable as e:
         raise CheckpointError(str(e)) from None
-
-
-@dataclass
-class Run:
-    """A model ready to answer questions: the Coconut, the token ids it knows, and the layout of
-    its prompts (its curriculum at a stage)."""
-    model: Coconut
-    vocab: Vocab
-    curriculum: Curriculum
-    stage: int  # the stage it was trained at last: the layout of its prompts
-    args: argparse.Namespace = None  # the flags it was trained with (for other checkpoints: the paper's)
-    path: str = None
-    epoch: int = None  # None for checkpoints not written by train.py
-
-
-def coconut_of(gpt, vocab, curriculum):
-    """The Coconut around a GPT, given the ids of <|latent|> and <|endoftext|> in its vocabulary."""
-    latent_id, eos_id = vocab.to_model([LATENT, EOS])
-    return Coconut(gpt, latent_id, eos_id, feedback=curriculum.feedback)
-
-
-def load_run(path, device="cpu", method=None, dataset=None):
-    """A trained model ready to answer: a run of train.py (a checkpoint, or a run folder: its
-    best.pt), which knows its method and dataset; or GPT-2 weights trained elsewhere (the official
-    code's state dicts), for which method and dataset must be given. Those answer at the last
-    stage of the paper's curriculum for the dataset, as the official evaluation does."""
-    gpt, vocab, ckpt = load_model(path)
-    if "model_args" in ckpt:  # a run says what it is; a method or dataset given must agree
-        args, epoch = argparse.Namespace(**ckpt["args"]), ckpt["epoch"]
-        for asked, trained in ((method, args.method), (dataset, args.dataset)):
-            if asked not in (None, trained):
-                raise CheckpointError(f"{path} was trained by train.py as {args.method} on {args.dataset}, "
-                                      f"not {asked}")
-        path = path if os.path.isfile(path) else best_checkpoint(path)
-    else:
-        missing = [name for name, given in (("method", method), ("dataset", dataset)) if not given]
-        if missing:
-            raise UnknownRecipe(f"{path}: a GPT-2 state dict does not say what it was trained for", missing)
-        args, epoch = argparse.Namespace(method=method, dataset=dataset, test_file=None, uniform_prob=0.0,
-                                         **PAPER_RECIPE[dataset]), None
-    curriculum = curriculum_of(args, args.method)
-    if "model_args" not in ckpt:
-        check_method(path, ckpt, curriculum)
-    stage = ckpt["stage"] if "model_args" in ckpt else curriculum.stages[-1]
-    model = coconut_of(gpt.to(device), vocab, curriculum).eval()
-    return Run(model, vocab, curriculum, stage, args, path, epoch)
 
 
 def check_method(path, info, curriculum):

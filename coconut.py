@@ -1,18 +1,17 @@
 """
-Chain of Continuous Thought (Coconut; Hao et al., 2024, arXiv 2412.06769), on top of model.py.
+Chain of Continuous Thought (Coconut; Hao et al., 2024, arXiv 2412.06769): the method, on model.py's GPT.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
-The method in three parts, in the order a reader needs them:
-1. the curriculum: at stage k the first k reasoning steps of an example are replaced by k*c
-   <|latent|> slots between <|start-latent|> and <|end-latent|>, and the loss ignores question,
-   markers and slots (Curriculum, stage_layout, build_example, collate);
-2. the forward: each <|latent|> slot takes as its input embedding the last hidden state (after
-   ln_f) of the position just before it, a "continuous thought"; since that state only exists once
-   the prefix has been run, n thoughts take n+1 passes, each reusing the KV cache of the prefix,
-   and the loss back-propagates through every thought (Coconut.think, Coconut.forward);
-3. batched greedy generation: run the thoughts, then decode with the KV cache (Coconut.generate).
+A continuous thought is the last hidden state (after ln_f) of a position, fed back as the input
+embedding of the next one, a <|latent|> slot, instead of a token's embedding. naive_think says it
+in ten lines, one example at a time; the rest makes that definition trainable and fast:
+1. the curriculum: at stage k the first k reasoning steps of an example are replaced by k*c slots
+   between <|start-latent|> and <|end-latent|>, and the loss ignores question, markers and slots
+   (Curriculum, stage_layout, build_example); examples are padded as the official code does (collate);
+2. Coconut.think: naive_think for a padded batch, with one KV cache instead of recomputing the
+   prefix for every thought; Coconut.forward: the loss, back-propagated through every thought;
+3. Coconut.generate: batched greedy answers, the thoughts first.
+Token ids are the model's own (GPT-2's, or a smaller vocabulary's: data.Vocab); `special` holds
+the ids of eos and the three markers among them (data.SpecialIds).
 """
 
 from dataclasses import dataclass
@@ -21,8 +20,22 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from data import END_LATENT, EOS, LATENT, START_LATENT, Vocab
+from data import GPT2_SPECIAL_IDS
 from model import KVCache
+
+
+def naive_think(gpt, ids, latent_id=GPT2_SPECIAL_IDS.latent):
+    """The method's definition: the input embeddings (1, T, C) of one unpadded example, each
+    <|latent|> slot holding its continuous thought. For each slot in turn, run the whole prefix
+    before it through the GPT and write the last hidden state into the slot: a thought is computed
+    from the thoughts before it. The loss and the answers then come from gpt(embeds=...)."""
+    embeds = gpt.transformer.wte(torch.tensor([ids], device=gpt.lm_head.weight.device))
+    for j, token in enumerate(ids):
+        if token == latent_id:
+            thought = gpt.hidden(embeds=embeds[:, :j])[:, -1:]
+            embeds = torch.cat([embeds[:, :j], thought, embeds[:, j + 1:]], dim=1)
+    return embeds
+
 
 # The variants of the paper's Table 1, which differ only in the layout of their examples
 # (stage_layout), except "pause", whose <|latent|> is a learned token, fed nothing back.
@@ -90,8 +103,10 @@ def stage_layout(curriculum, stage, n_steps):
     return n_removed, min(stage, cur.max_latent_stage) * c
 
 
-def build_example(tokens, curriculum, stage, rng=None, prompt_only=False, n_thoughts=None):
-    """input_ids and labels of one example, from data.tokenize_record's output, in GPT-2 ids.
+def build_example(tokens, curriculum, stage, *, special=GPT2_SPECIAL_IDS, rng=None, prompt_only=False,
+                  n_thoughts=None):
+    """input_ids and labels of one example, from a tokenized record (data.tokenize_record's
+    layout, in the model's ids).
 
     Layout: question [<|start-latent|> <|latent|>*n <|end-latent|>] remaining steps "### answer" eos.
     Labels are -100 on the question, the markers and the thoughts (aligned with input_ids; the
@@ -107,122 +122,105 @@ def build_example(tokens, curriculum, stage, rng=None, prompt_only=False, n_thou
         n_latent = n_thoughts
     prompt = list(tokens["question"])
     if curriculum.markers:
-        prompt += [START_LATENT] + [LATENT] * n_latent + [END_LATENT]
+        prompt += [special.start_latent] + [special.latent] * n_latent + [special.end_latent]
     if prompt_only:
         return {"input_ids": prompt, "labels": [-100] * len(prompt)}
     target = [t for step in tokens["steps"][n_removed:] for t in step] + list(tokens["answer"])
     return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
 
 
-def collate(examples, for_generation=False, device="cpu", vocab=None, pad_to=None):
-    """Pad a list of examples into tensors of the model's token ids (vocab maps them from GPT-2's):
-    input_ids, labels, attention_mask, position_ids.
+def collate(examples, for_generation=False, special=GPT2_SPECIAL_IDS):
+    """Pad a list of examples into tensors: input_ids, labels, attention_mask, position_ids.
 
     Training (the official layout): left-pad each row so that every row's first <|latent|> sits in
     the same column, then right-pad to the longest row. Generation: left-pad every prompt to the
     same length, so that all rows continue from the last column.
     Position ids restart at 0 after the left pads; pads are eos with attention 0 and label -100
     (a generation batch has no labels, so that it can be passed as Coconut.generate(**batch)).
-    pad_to: round the first <|latent|> column (or the prompt length) and the length up to a multiple
-    of it; by default 64 on a GPU, whose attention kernels are planned per shape, so that a run sees
-    a handful of shapes instead of one per batch; 1 elsewhere, where padding only costs.
     """
-    vocab = vocab or Vocab()
-    pad_to = pad_to or (64 if torch.device(device).type == "cuda" else 1)
+    ids = [e["input_ids"] for e in examples]
     if for_generation:
-        longest = max(len(e["input_ids"]) for e in examples)
-        longest += -longest % pad_to
-        left = [longest - len(e["input_ids"]) for e in examples]
+        left = [max(map(len, ids)) - len(x) for x in ids]
     else:
-        firsts = [e["input_ids"].index(LATENT) if LATENT in e["input_ids"] else None for e in examples]
+        firsts = [x.index(special.latent) if special.latent in x else None for x in ids]
         align = max((f for f in firsts if f is not None), default=0)
-        left = [(-align % pad_to) + (0 if f is None else align - f) for f in firsts]
-    T = max(pad + len(e["input_ids"]) for pad, e in zip(left, examples))
-    T += -T % pad_to
-    B = len(examples)
-    batch = {"input_ids": torch.full((B, T), vocab.to_model([EOS])[0], dtype=torch.long),
-             "labels": torch.full((B, T), -100, dtype=torch.long),
-             "attention_mask": torch.zeros((B, T), dtype=torch.long),
-             "position_ids": torch.zeros((B, T), dtype=torch.long)}
+        left = [0 if f is None else align - f for f in firsts]
+    B, T = len(examples), max(pad + len(x) for pad, x in zip(left, ids))
+    batch = {"input_ids": torch.full((B, T), special.eos), "labels": torch.full((B, T), -100),
+             "attention_mask": torch.zeros(B, T, dtype=torch.long), "position_ids": torch.zeros(B, T, dtype=torch.long)}
     for i, (pad, e) in enumerate(zip(left, examples)):
         n = len(e["input_ids"])
-        batch["input_ids"][i, pad:pad + n] = torch.tensor(vocab.to_model(e["input_ids"]))
+        batch["input_ids"][i, pad:pad + n] = torch.tensor(e["input_ids"])
         if "labels" in e:  # prompts for generation may come without
-            batch["labels"][i, pad:pad + n] = torch.tensor([t if t < 0 else vocab.to_model([t])[0]
-                                                            for t in e["labels"]])
+            batch["labels"][i, pad:pad + n] = torch.tensor(e["labels"])
         batch["attention_mask"][i, pad:pad + n] = 1
         batch["position_ids"][i, pad:pad + n] = torch.arange(n)
     if for_generation:
         del batch["labels"]
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def forward_passes(n_thoughts, n_answer_tokens, feedback=True):
-    """The forward passes one question takes at batch size 1, as the paper counts them: the prompt,
-    one more per thought fed back (each needs the hidden state of the pass before), then one per
-    answer token, whose pass gives the next token (the last gives the end of text)."""
-    return 1 + n_thoughts * feedback + n_answer_tokens
+    return batch
 
 
 class Coconut(nn.Module):
     """A GPT from model.py that thinks in continuous thoughts at its <|latent|> positions.
-    latent_id and eos_id: the ids of <|latent|> and <|endoftext|> in the GPT's vocabulary.
     feedback=False keeps <|latent|> an ordinary learned token: the paper's "pause as thought"."""
 
-    def __init__(self, gpt, latent_id=LATENT, eos_id=EOS, feedback=True):
+    def __init__(self, gpt, special=GPT2_SPECIAL_IDS, feedback=True):
         super().__init__()
-        self.gpt, self.latent_id, self.eos_id, self.feedback = gpt, latent_id, eos_id, feedback
+        self.gpt, self.special, self.feedback = gpt, special, feedback
 
     def think(self, input_ids, attention_mask, position_ids, cache=None, intervene=None):
-        """Final hidden states (B, T, C) of every position, each <|latent|> position fed the
-        hidden state of the position before it. intervene(k, thoughts), if given, returns the (B, C)
-        vectors written in instead of the k-th column of thoughts (analyze.py's ablations).
+        """naive_think for a padded batch: the final hidden states (B, T, C) of every position, each
+        <|latent|> slot fed the hidden state of the position before it. intervene(k, thoughts), if
+        given, returns the (B, C) vectors written in instead of the k-th column of thoughts
+        (analyze.py's ablations).
 
-        The columns are cut into segments that each start at a column where some row has a
-        <|latent|>; so when a segment runs, the thought it needs (the last hidden state of the
-        previous segment) exists. With the official layout (every row's thoughts in the same
-        columns) that is exactly its schedule: the prefix, then one pass per thought, then the rest.
+        Instead of running the prefix again for each thought, the columns are cut into segments
+        that each start at a column where some row has a slot, and run one after the other through
+        one KV cache: when a segment runs, the thought it needs (the last hidden state of the
+        segment before) exists. With the official layout (every row's thoughts in the same columns)
+        that is its schedule: the prefix, then one pass per thought, then the rest.
         """
         cache = KVCache() if cache is None else cache
-        T = input_ids.size(1)
-        is_latent = (input_ids == self.latent_id) & self.feedback
-        latent_cols = is_latent.any(dim=0).nonzero().flatten().tolist()
-        if latent_cols and latent_cols[0] == 0:
+        # the slots that take a thought; with "pause" none do, and <|latent|> is a plain token
+        fed = (input_ids == self.special.latent) & self.feedback
+        fed_cols = fed.any(dim=0).nonzero().flatten().tolist()
+        if fed_cols and fed_cols[0] == 0:
             raise ValueError("a <|latent|> in the first column has no hidden state to take")
-        bounds = [0] + latent_cols + [T]
+        bounds = [0] + fed_cols + [input_ids.size(1)]
         # embed once: one lookup per segment would give the (vocab x C) embedding one dense gradient each
         token_embeds = self.gpt.transformer.wte(input_ids)
         hidden = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            if a == b:  # a <|latent|> in the last column: its segment is empty
-                continue
             x = token_embeds[:, a:b]
             if hidden:  # write the thought in, for the rows that think in column a
                 thought = hidden[-1][:, -1]
                 if intervene is not None:
                     thought = intervene(len(hidden) - 1, thought)
-                first = torch.where(is_latent[:, a, None], thought, x[:, 0])
+                first = torch.where(fed[:, a, None], thought, x[:, 0])
                 x = torch.cat([first[:, None], x[:, 1:]], dim=1)
             hidden.append(self.gpt.hidden(embeds=x, position_ids=position_ids[:, a:b],
                                           attention_mask=attention_mask[:, a:b], cache=cache))
         return torch.cat(hidden, dim=1)
 
-    def forward(self, input_ids, labels, attention_mask, position_ids):
+    def forward(self, input_ids, labels, attention_mask, position_ids, per_row=False):
         """Mean cross-entropy over the labels that are not -100 (labels aligned with input_ids and
-        shifted here, as the official code does)."""
+        shifted here, as the official code does); per_row: each row's summed cross-entropy."""
         hidden = self.think(input_ids, attention_mask, position_ids)
         targets = labels[:, 1:]
         supervised = targets != -100
         # the output layer only where there is a label: on a CPU, most of the time saved
-        logits = self.gpt.lm_head(hidden[:, :-1][supervised])
-        return F.cross_entropy(logits.float(), targets[supervised])
+        logits = self.gpt.lm_head(hidden[:, :-1][supervised]).float()
+        if not per_row:
+            return F.cross_entropy(logits, targets[supervised])
+        losses = F.cross_entropy(logits, targets[supervised], reduction="none")
+        return torch.zeros(len(targets), device=losses.device).index_add_(0, supervised.nonzero()[:, 0], losses)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, position_ids, max_new_tokens, intervene=None):
         """Greedy answers to a left-padded batch of prompts (question, then any markers and
         <|latent|> slots): runs the thoughts, then decodes with the KV cache, each row stopping at
         its own eos. Returns per row the list of new token ids (prompt and eos excluded)."""
-        B = input_ids.size(0)
+        B, eos = input_ids.size(0), self.special.eos
         cache = KVCache()
         hidden = self.think(input_ids, attention_mask, position_ids, cache, intervene)
         next_position = position_ids[:, -1] + 1
@@ -235,13 +233,13 @@ class Coconut(nn.Module):
         new_tokens = []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(n_steps):
-            token = torch.where(done, self.eos_id, logits.argmax(dim=-1))
+            token = torch.where(done, eos, logits.argmax(dim=-1))
             new_tokens.append(token)
-            done |= token == self.eos_id
+            done |= token == eos
             if step == n_steps - 1 or (step + 1) % check_every == 0 and done.all():
                 break
             h = self.gpt.hidden(token[:, None], position_ids=next_position[:, None], cache=cache)
             logits = self.gpt.lm_head(h[:, -1])
             next_position = next_position + 1
         rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(B)]
-        return [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
+        return [row[:row.index(eos)] if eos in row else row for row in rows]

@@ -2,9 +2,6 @@
 What every command of the repository shares: refusing bad input in one line, argument types,
 atomic file writes, and the device (with torchrun's processes, when there are several).
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample; this module serves them all.
-
 torch is imported inside the device functions only, so that data.py, which uses the rest, stays
 free of it.
 """
@@ -157,6 +154,30 @@ def pick_device(name):
     return name
 
 
+def to_device(batch, device, special):
+    """A collated batch (coconut.collate) on the device. A GPU's attention kernels are planned per
+    shape, so there each batch is padded to multiples of 64 columns (pad_columns): a run then sees
+    a handful of shapes instead of one a batch; elsewhere padding only costs."""
+    import torch
+    if torch.device(device).type == "cuda":
+        batch = pad_columns(batch, 64, special)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def pad_columns(batch, multiple, special):
+    """More pads (eos, attention 0, label -100) on both sides of a collated batch, up to multiples
+    of `multiple` columns: on the left until its first thought's column (a prompt batch: its
+    length) is one, then on the right. special: the ids of eos and <|latent|> (data.SpecialIds)."""
+    from torch.nn.functional import pad
+    ids = batch["input_ids"]
+    thought_cols = (ids == special.latent).any(dim=0).nonzero().flatten().tolist()
+    first = ids.size(1) if "labels" not in batch else (thought_cols or [0])[0]
+    left = -first % multiple
+    right = -(left + ids.size(1)) % multiple
+    fill = {"input_ids": special.eos, "labels": -100, "attention_mask": 0, "position_ids": 0}
+    return {k: pad(v, (left, right), value=fill[k]) for k, v in batch.items()}
+
+
 def setup_device(name="auto", dtype="auto", threads=None):
     """(device, autocast context) for --device, --dtype and --threads; under torchrun each process
     takes its own GPU. bf16 autocast: asked for, or by default on a GPU that has it."""
@@ -164,7 +185,8 @@ def setup_device(name="auto", dtype="auto", threads=None):
     if threads:
         torch.set_num_threads(threads)
     if ddp:
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if not torch.distributed.is_initialized():  # a chain of runs sets up once
+            torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
             torch.cuda.set_device(device)

@@ -2,9 +2,6 @@
 The configuration of a training run: the paper's recipe per dataset, the presets, and train.py's
 flags, parsed and checked (as nanoGPT keeps configurator.py beside its train.py).
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
 Every flag that would change nothing is refused rather than ignored: which curriculum flags a
 method uses is found by asking coconut.py (ignored_flags), not written down a second time.
 """
@@ -17,7 +14,7 @@ from dataclasses import fields, replace
 
 from coconut import METHODS, Curriculum, build_example
 from common import ArgumentParser, bounded, ddp, flag, given_flags, world
-from data import FORMATS, NAMES, OTHER_OPTIONS, SPLITS
+from data import FORMATS, NAMES, OTHER_OPTIONS, PROSQA_DEFAULTS, SPLITS, DataError, check_prosqa_settings
 
 # The paper's training recipe per dataset (Section 4.1 and the official configs): thoughts per
 # step, latent stages, epochs, and the greedy decoding budget of its evaluation.
@@ -27,38 +24,87 @@ PAPER_RECIPE = {
     "gsm8k": dict(c=2, max_latent_stage=3, epochs_per_stage=3, epochs=25, max_new_tokens=64),
 }
 
-# Presets replace the defaults of many flags at once; any flag given explicitly still wins.
+# A preset is a chain of runs, trained one after the other: each link a dict of flag defaults, "{out}"
+# in them the chain's output folder (--out-dir, or out/<--name or the preset's name>). The flags a
+# user gives go to the last link, except CHAIN_FLAGS, which go to every link.
+COMPACT_TASK = dict(dataset="prosqa", names="short", other_option="same-depth", max_nodes=7, min_steps=2, max_steps=3,
+                    dropout=0.0, batch_size=32, micro_batch_size=16, learning_rate=1e-3, grad_clip=1.0,
+                    max_new_tokens=48, eval_batch_size=100)
 PRESETS = {
-    # A tiny GPT from scratch on small generated ProsQA graphs (at most 7 nodes, answers 2-3 steps
-    # away): the three methods of Table 1, trained side by side, one process and one thread each,
-    # so that two cores serve three runs. Every stage gets one epoch of 12,000 questions: many
-    # distinct questions teach these models more than many passes over few, which they memorize.
-    # Coconut mixes in other stages (uniform_prob), as the paper's analysis model: it can then
-    # finish a chain in language after any number of thoughts, which analyze.py needs.
-    "cpu": dict(dataset="prosqa", name="cpu-small", data_dir="data/prosqa-small",
-                method="coconut,cot,no-cot", jobs=3, threads=1, init="scratch", vocab="data",
-                n_layer=2, n_head=4, n_embd=128, block_size=256, dropout=0.0, n_train=12000,
-                n_valid=200, n_test=500, max_nodes=7, min_steps=2, max_steps=3, c=1,
-                max_latent_stage=3, epochs_per_stage=1, epochs=5, uniform_prob=0.3, batch_size=16,
-                micro_batch_size=16, learning_rate=2e-3, warmup_iters=50, grad_clip=1.0,
-                max_new_tokens=48, eval_batch_size=100),
+    # The laptop demo (NOTES.md: the sweep). ProsQA graphs of at most 7 nodes whose two options are
+    # as far from a person, so that one lookup cannot tell them apart: the answer needs its 2-step
+    # chain. Facts are written "X Y ." (--format compact). A 2-layer GPT from scratch does not learn
+    # the lookup a step needs from these questions alone; so it first learns it from questions
+    # whose answers restate their facts (--format lookup, another data seed), as GPT-2's
+    # pretraining stands behind the paper's models, and hands on the epoch of the lowest validation
+    # loss (an exact restatement is rarely right, so accuracy ties at 0-2%). Coconut, CoT and No-CoT
+    # then start from that model, side by side, a process and a thread each.
+    "cpu": [
+        dict(COMPACT_TASK, out_dir="{out}/lookup", method="no-cot", init="scratch", vocab="data", n_layer=2, n_head=4,
+             n_embd=128, block_size=256, data_dir="data/cpu-lookup", data_seed=7, format="lookup", n_train=26000,
+             n_valid=100, n_test=100, epochs=2, warmup_iters=400, best_by="loss", threads=2),
+        dict(COMPACT_TASK, out_dir="{out}", init="{out}/lookup/no-cot", method="coconut,cot,no-cot", jobs=3,
+             threads=1, data_dir="data/cpu", data_seed=0, format="compact", n_train=12000, n_valid=200, n_test=500,
+             c=2, max_latent_stage=2, epochs_per_stage=2, epochs=8, warmup_iters=50),
+    ],
 }
+CHAIN_FLAGS = {"seed", "resume", "device", "dtype", "threads", "compile"}
 # Flags a resumed run may change: where things are (a run or its data may move; the data is
 # compared by content) and how the machine runs it. Every other flag must match the run's.
 RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "eval_batch_size",
                  "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset", "given"}
 SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
-GRAPH_FLAGS = ("max_nodes", "min_steps", "max_steps", "names", "other_option", "min_root_children", "format")  # ProsQA's
+GRAPH_FLAGS = tuple(PROSQA_DEFAULTS)  # the ProsQA generator's settings, each a flag of its own
 GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "data_seed", *GRAPH_FLAGS}
 CURRICULUM_FLAGS = tuple(f.name for f in fields(Curriculum) if f.name != "method")
 
 
-def get_args(argv=None):
-    """train.py's flags: defaults, then the preset's, then the user's; checked (check_args)."""
+def get_chain(argv=None):
+    """The runs train.py trains, in order, as the flags of each (get_args): one, or with --preset
+    one per link of its chain."""
     argv = sys.argv[1:] if argv is None else argv
+    preset = parser().parse_known_args(argv)[0].preset
+    if preset is None:
+        return [get_args(argv)]
+    user = parser().parse_known_args(argv)[0]
+    out = user.out_dir or os.path.join("out", user.name or preset)
+    links = [{k: v.format(out=out) if isinstance(v, str) else v for k, v in link.items()} for link in PRESETS[preset]]
+    return [get_args(argv if link is links[-1] else flags_named(argv, CHAIN_FLAGS), link) for link in links]
+
+
+def flags_named(argv, names):
+    """The flags of argv whose names are in names, each with the values that follow it."""
+    kept, keep = [], False
+    for a in argv:
+        if a.startswith("--"):
+            keep = a[2:].split("=")[0].replace("-", "_") in names
+        if keep:
+            kept.append(a)
+    return kept
+
+
+def get_args(argv=None, defaults=None):
+    """train.py's flags: its defaults, then the defaults a preset's link gives, then the user's;
+    checked (check_args)."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    p.set_defaults(**(defaults or {}))
+    args, given = p.parse_args(argv), given_flags(argv)
+    args.given = sorted(given | set(defaults or {}))  # what the user (or preset) asked for
+    for k, v in PAPER_RECIPE[args.dataset].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    args.out_dir = args.out_dir or os.path.join("out", args.name or args.dataset)
+    args.methods = args.method.split(",")
+    args.micro_batch_size = args.micro_batch_size or default_micro_batch(args.batch_size // world, on_gpu(args))
+    check_args(p, args, given)
+    return args
+
+
+def parser():
     p = ArgumentParser(description="Train Coconut (or a baseline), then score it on the test split.")
     count, natural, share = bounded(int, 1), bounded(int, 0), bounded(float, 0.0, 1.0)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults, e.g. cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named chain of runs, e.g. cpu (README)")
     p.add_argument("--dataset", default="prosqa", choices=sorted(PAPER_RECIPE))
     p.add_argument("--method", default="coconut", help=f"{', '.join(METHODS)}; or several, comma-separated")
     p.add_argument("--stage", default="all", help="all: the curriculum; N: stage N alone (README, Stages)")
@@ -97,6 +143,8 @@ def get_args(argv=None):
     g.add_argument("--warmup-iters", type=natural, default=0, help="linear warm-up after each reset")
     g.add_argument("--grad-clip", type=bounded(float, 0.0), default=0.0, help="0: off, as the paper")
     g.add_argument("--reset-optimizer", choices=["stage", "epoch"], default="stage")
+    g.add_argument("--best-by", choices=["accuracy", "loss"], default="accuracy", help="what picks best.pt among "
+                   "a stage's epochs: validation accuracy (the paper's), or loss (answers rarely exactly right)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("evaluation")
     g.add_argument("--max-new-tokens", type=count, help="greedy decoding budget (paper: 128, GSM8k 64)")
@@ -108,19 +156,7 @@ def get_args(argv=None):
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on GPU")
     g.add_argument("--threads", type=count), g.add_argument("--compile", action="store_true")
     g.add_argument("--jobs", type=count, default=1, help="methods trained at once, in a process each")
-    preset = p.parse_known_args(argv)[0].preset
-    if preset:
-        p.set_defaults(**PRESETS[preset])
-    args, given = p.parse_args(argv), given_flags(argv)
-    args.given = sorted(given | set(PRESETS.get(args.preset, {})))  # what the user (or preset) asked for
-    for k, v in PAPER_RECIPE[args.dataset].items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
-    args.out_dir = args.out_dir or os.path.join("out", args.name or args.dataset)
-    args.methods = args.method.split(",")
-    args.micro_batch_size = args.micro_batch_size or default_micro_batch(args.batch_size // world, on_gpu(args))
-    check_args(p, args, given)
-    return args
+    return p
 
 
 def check_args(p, args, given):
@@ -156,8 +192,11 @@ def check_args(p, args, given):
     for name in sorted(given & set(GRAPH_FLAGS)):
         if args.dataset != "prosqa":
             p.error(f"{flag(name)} is a setting of the ProsQA generator, not of {args.dataset}'s")
-    if args.dataset == "prosqa" and (args.min_steps or 3) > (args.max_steps or 6):
-        p.error(f"--min-steps {args.min_steps or 3} is more than --max-steps {args.max_steps or 6}")
+    if args.dataset == "prosqa":
+        try:
+            check_prosqa_settings({k: getattr(args, k) for k in GRAPH_FLAGS})
+        except DataError as e:
+            p.error(str(e))
     for name in CURRICULUM_FLAGS:
         if name in given and all(name in ignored_flags(args, m) for m in args.methods):
             p.error(f"{flag(name)} changes nothing for {args.method}")
@@ -203,7 +242,7 @@ def ignored_flags(args, method):
     its schedule and its examples at each of its stages (with stage mixing) stay the same."""
     def trace(curriculum):
         rng = random.Random(0)
-        examples = [build_example(PROBE, curriculum, s, rng) for s in curriculum.stages for _ in range(8)]
+        examples = [build_example(PROBE, curriculum, s, rng=rng) for s in curriculum.stages for _ in range(8)]
         return curriculum.stages, curriculum.schedule(args.stage, 12), examples
     base = replace(curriculum_of(args, method), uniform_prob=0.5)
     other = dict(c=base.c + 1, max_latent_stage=base.max_latent_stage + 1,

@@ -1,10 +1,8 @@
 """
 The data side of Coconut: the GPT-2 tokenizer (offline), and the three datasets of the paper.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample. This file comes first: it knows how text becomes token ids (and the smaller
-vocabulary of a model trained from scratch), and how the ProsQA / ProntoQA / GSM8k records look
-and are made. It does not use torch.
+It knows how text becomes token ids (and the smaller vocabulary of a model trained from scratch),
+and how the ProsQA / ProntoQA / GSM8k records look and are made. It does not use torch.
 
 Records use the JSON format of the official release (facebookresearch/coconut):
 a list of {"question": str, "steps": [str, ...], "answer": str}.
@@ -24,7 +22,7 @@ import os
 import random
 import re
 import sys
-from collections import Counter, deque
+from collections import Counter, deque, namedtuple
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -47,6 +45,9 @@ SPECIAL_TOKENS = {
     "<|end-latent|>": END_LATENT,
     "<|latent|>": LATENT,
 }
+# The ids of those four in a model's vocabulary (GPT-2's, or a smaller one: Vocab.special).
+SpecialIds = namedtuple("SpecialIds", "eos start_latent end_latent latent")
+GPT2_SPECIAL_IDS = SpecialIds(EOS, START_LATENT, END_LATENT, LATENT)
 
 # The SHA-256 sums tiktoken pins for its "gpt2" encoding: the files we load are OpenAI's, byte for byte.
 BPE_SHA256 = {
@@ -105,13 +106,14 @@ class Vocab:
     """The token ids a model knows: GPT-2's (grown to N_VOCAB), or, for a model trained from
     scratch on generated data (--vocab data), only the few hundred its data uses. On a CPU the
     output layer over 50,260 tokens costs more than a whole small transformer, so a small
-    vocabulary trains about three times faster. Records are tokenized into GPT-2 ids; a batch is
-    mapped into the model's ids as it is made (coconut.collate), and answers are mapped back."""
+    vocabulary trains about three times faster. Records are tokenized into GPT-2 ids and mapped
+    into the model's once, where a run's questions are read (map_tokens); answers are mapped back."""
 
     def __init__(self, ids=None):
         self.ids = ids  # the GPT-2 id of each model id, or None: GPT-2's own ids
         self.size = N_VOCAB if ids is None else len(ids)
         self.index = None if ids is None else {t: i for i, t in enumerate(ids)}
+        self.special = SpecialIds(*self.to_model(GPT2_SPECIAL_IDS))
 
     @classmethod
     def of(cls, tokens):
@@ -127,6 +129,11 @@ class Vocab:
 
     def to_gpt2(self, ids):
         return list(ids) if self.ids is None else [self.ids[i] for i in ids]
+
+    def map_tokens(self, tokens):
+        """A tokenized record (tokenize_record's layout) in this vocabulary's ids."""
+        return dict(question=self.to_model(tokens["question"]), steps=[self.to_model(s) for s in tokens["steps"]],
+                    answer=self.to_model(tokens["answer"]))
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +247,7 @@ def grade(generated_text, answer):
 
 # -----------------------------------------------------------------------------
 # ProsQA: the paper's Algorithm 1, with the unstated choices that reproduce the official release's
-# statistics (nodes, edges, steps, persons; README, Data).
+# statistics (nodes, edges, steps, persons; NOTES.md, The data).
 
 PERSONS = ("Alex Bob Carol Davis Eva Fae Gabriel Jack Max Oliver Polly Rex Sally Sam Stella Tom "
            "Wren").split()
@@ -426,10 +433,19 @@ def generate_prosqa(n, seed, progress=False, **settings):
     """n ProsQA records with distinct questions. The defaults (PROSQA_DEFAULTS) reproduce the
     paper's release (22.8 nodes, 35.8 edges, 3.78 steps on average); prosqa_record says what the
     other settings change."""
-    s = {**PROSQA_DEFAULTS, **settings}
-    if not 1 <= s["min_steps"] <= s["max_steps"] or s["max_nodes"] < 4:
-        raise ValueError(f"need 1 <= min_steps <= max_steps and max_nodes >= 4, got {s}")
+    s = check_prosqa_settings(settings)
     return unique_records(lambda rng: prosqa_record(rng, **s), random.Random(seed), n, progress, "prosqa")
+
+
+def check_prosqa_settings(settings):
+    """The ProsQA settings with the defaults filled in, or a DataError where no graph can meet them
+    (worded in the flags of data.py and train.py, which share these names)."""
+    s = {**PROSQA_DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+    if s["min_steps"] < 1 or s["max_nodes"] < 4:
+        raise DataError(f"--min-steps {s['min_steps']} or --max-nodes {s['max_nodes']}: at least 1 and 4")
+    if s["min_steps"] > s["max_steps"]:
+        raise DataError(f"--min-steps {s['min_steps']} is more than --max-steps {s['max_steps']}")
+    return s
 
 
 # -----------------------------------------------------------------------------
@@ -623,14 +639,16 @@ def read_generator(data_dir):
                               **{k: v for k, v in made.items() if k not in ("dataset", "seed", "sizes")})
 
 
-def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, asked=None, **knobs):
+def prepare_splits(dataset, data_dir, seed=0, sizes=None, progress=False, asked=None, generate=True, **knobs):
     """The paths of data_dir's three splits, generated on first use (ProsQA at the paper's size
-    takes about 10 s). A folder that exists is used as it is, unless its generator.json says it
-    was made with other settings than those asked for (asked: the settings a user gave, as
-    {"n_train", "max_nodes", "seed", ...}; default all): then it is refused, rather than silently
-    training on other data."""
+    takes about 10 s; generate=False only checks). A folder that exists is used as it is, unless
+    its generator.json says it was made with other settings than those asked for (asked: the
+    settings a user gave, as {"n_train", "max_nodes", "seed", ...}; default all): then it is
+    refused, rather than silently training on other data."""
     paths = {s: os.path.join(data_dir, f"{s}.json") for s in SPLITS}
     missing = [p for p in paths.values() if not os.path.exists(p)]
+    if len(missing) == len(paths) and not generate:
+        return paths
     if len(missing) == len(paths):
         print(f"generating {dataset} into {data_dir} (once; later runs reuse it)")
         return make_splits(dataset, data_dir, seed, sizes, progress=progress, **knobs)
@@ -718,8 +736,11 @@ def main(argv=None):
     for name in sorted(given - uses[task]):
         parser.error(f"{'--from' if name == 'source' else flag(name)} does not apply to "
                      f"{'--stats' if task == 'stats' else '--dataset ' + task}")
-    if task == "prosqa" and knobs.get("min_steps", 3) > knobs.get("max_steps", 6):
-        parser.error(f"--min-steps {knobs.get('min_steps', 3)} is more than --max-steps {knobs.get('max_steps', 6)}")
+    if task == "prosqa":
+        try:
+            check_prosqa_settings(knobs)
+        except DataError as e:
+            parser.error(str(e))
     if task in ("gsm8k", "prosqa", "prontoqa") and not args.out or task == "gsm8k" and not args.source:
         parser.error(f"--dataset {task} needs {'--from FILE and ' * (task == 'gsm8k')}--out "
                      f"{'DIR_OR_FILE.json' if task == 'gsm8k' else 'DIR'}")

@@ -1,30 +1,80 @@
 """
 Ask a trained model the questions of a file, and grade its answers as the paper does.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
     python evaluate.py out/prosqa/coconut                               # its test split
     python evaluate.py out/prosqa/coconut --n-thoughts 0,1,2,3,4,5,6    # the paper's sweep of k
     python evaluate.py checkpoint_50 --method coconut --dataset prosqa --file data/prosqa/test.json
 
 It prints the accuracy, the generated tokens (thoughts counted, as the paper counts them), the
 forward passes and the time per question; --predictions writes each question's output, gold
-answer and verdict. The commands that take a trained model (this one, sample.py, analyze.py) take
-it the same way: the flags of model_flags, then open_run and read_questions.
+answer and verdict. It also holds what every command that takes a trained model shares (this one,
+sample.py, analyze.py, and train.py's own evaluation): a Run, the model and the layout of its
+prompts; load_run, which opens one from any checkpoint; and model_flags, open_run and
+read_questions, which take it and its questions from the command line alike everywhere.
 """
 
+import argparse
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
-from checkpoint import UnknownRecipe, WrongMethod, load_run
-from coconut import METHODS, build_example, collate, forward_passes
+from checkpoint import CheckpointError, UnknownRecipe, WrongMethod, best_checkpoint, check_method, load_model
+from coconut import METHODS, Coconut, Curriculum, build_example, collate
 from common import (ArgumentParser, InputError, bounded, check_output, counts, ddp, errors_in_one_line, flag,
-                    nonempty, pick_device, rank, setup_device, world, write_jsonl)
-from config import PAPER_RECIPE
-from data import LATENT, DataError, decode, grade, read_records, tokenize_record
+                    nonempty, pick_device, rank, setup_device, to_device, world, write_jsonl)
+from config import PAPER_RECIPE, curriculum_of
+from data import DataError, decode, grade, read_records, tokenize_record
+
+
+@dataclass
+class Run:
+    """A model ready to answer questions: the Coconut, the token ids it knows, and the layout of
+    its prompts (its curriculum at a stage)."""
+    model: Coconut
+    vocab: object  # data.Vocab
+    curriculum: Curriculum
+    stage: int  # the stage it was trained at last: the layout of its prompts
+    args: argparse.Namespace = None  # the flags it was trained with (for other checkpoints: the paper's)
+    path: str = None
+    epoch: int = None  # None for checkpoints not written by train.py
+
+    def example(self, tokens, **kwargs):
+        """coconut.build_example at the run's stage, tokens in its vocabulary."""
+        return build_example(tokens, self.curriculum, self.stage, special=self.vocab.special, **kwargs)
+
+    def batch(self, examples, for_generation=False):
+        """coconut.collate, on the model's device (and padded for it: common.to_device)."""
+        batch = collate(examples, for_generation, self.vocab.special)
+        return to_device(batch, next(self.model.parameters()).device, self.vocab.special)
+
+
+def load_run(path, device="cpu", method=None, dataset=None):
+    """A trained model ready to answer: a run of train.py (a checkpoint, or a run folder: its
+    best.pt), which knows its method and dataset; or GPT-2 weights trained elsewhere (the official
+    code's state dicts), for which method and dataset must be given. Those answer at the last
+    stage of the paper's curriculum for the dataset, as the official evaluation does."""
+    gpt, vocab, ckpt = load_model(path)
+    if "model_args" in ckpt:  # a run says what it is; a method or dataset given must agree
+        args, epoch = argparse.Namespace(**ckpt["args"]), ckpt["epoch"]
+        for asked, trained in ((method, args.method), (dataset, args.dataset)):
+            if asked not in (None, trained):
+                raise CheckpointError(f"{path} was trained by train.py as {args.method} on {args.dataset}, "
+                                      f"not {asked}")
+        path = path if os.path.isfile(path) else best_checkpoint(path)
+    else:
+        missing = [name for name, given in (("method", method), ("dataset", dataset)) if not given]
+        if missing:
+            raise UnknownRecipe(f"{path}: a GPT-2 state dict does not say what it was trained for", missing)
+        args, epoch = argparse.Namespace(method=method, dataset=dataset, test_file=None, uniform_prob=0.0,
+                                         **PAPER_RECIPE[dataset]), None
+    curriculum = curriculum_of(args, args.method)
+    if "model_args" not in ckpt:
+        check_method(path, ckpt, curriculum)
+    stage = ckpt["stage"] if "model_args" in ckpt else curriculum.stages[-1]
+    model = Coconut(gpt.to(device), vocab.special, curriculum.feedback).eval()
+    return Run(model, vocab, curriculum, stage, args, path, epoch)
 
 
 def check_fits(tokens, path, curriculum, stages, block_size, vocab, n_thoughts=()):
@@ -46,28 +96,34 @@ def check_fits(tokens, path, curriculum, stages, block_size, vocab, n_thoughts=(
                             f"vocabulary (the tokens of the files it was trained on) does not hold")
 
 
+def forward_passes(n_thoughts, n_answer_tokens, feedback=True):
+    """The forward passes one question takes at batch size 1, as the paper counts them: the prompt,
+    one more per thought fed back (each needs the hidden state of the pass before), then one per
+    answer token, whose pass gives the next token (the last gives the end of text)."""
+    return 1 + n_thoughts * feedback + n_answer_tokens
+
+
 @torch.no_grad()
 def evaluate(run, questions, ctx, batch_size, max_new_tokens, n_thoughts=None):
     """Greedy answers to questions (dict(records, tokens), as data.load_split gives them), graded
     as the paper does. Returns the metrics: accuracy, mean generated tokens (thoughts included),
-    forward passes (coconut.forward_passes) and seconds per question; and each question's answer,
+    forward passes (forward_passes) and seconds per question; and each question's answer,
     {index: dict(output, correct)}. Prompts are sorted by length: batches carry little padding.
     Under torchrun each process answers its share of the questions."""
     model, device = run.model.eval(), next(run.model.parameters()).device
-    prompts = [build_example(t, run.curriculum, run.stage, prompt_only=True, n_thoughts=n_thoughts)
-               for t in questions["tokens"]]
+    prompts = [run.example(t, prompt_only=True, n_thoughts=n_thoughts) for t in questions["tokens"]]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["input_ids"]))[rank::world]
     sums = torch.zeros(4, dtype=torch.float64)  # correct, tokens, passes, questions
     outputs, t0 = {}, time.time()
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        batch = collate([prompts[j] for j in idx], for_generation=True, device=device, vocab=run.vocab)
+        batch = run.batch([prompts[j] for j in idx], for_generation=True)
         with ctx:
             answers = model.generate(**batch, max_new_tokens=max_new_tokens)
         for j, ids in zip(idx, answers):
             text = decode(run.vocab.to_gpt2(ids))
             outputs[j] = dict(output=text, correct=grade(text, questions["records"][j]["answer"]))
-            n_latent = prompts[j]["input_ids"].count(LATENT)
+            n_latent = prompts[j]["input_ids"].count(run.vocab.special.latent)
             passes = forward_passes(n_latent, len(ids), model.feedback)
             sums += torch.tensor([outputs[j]["correct"], len(ids) + n_latent, passes, 1], dtype=torch.float64)
     if ddp:
@@ -118,14 +174,25 @@ def read_questions(run, path=None, n_thoughts=None, check=None):
             raise InputError(f"{run.path} comes without a test file: pass --file FILE")
         if not os.path.exists(path):
             raise InputError(f"{path}: the run's test file is gone (moved?): pass --file FILE")
-    if n_thoughts is not None and not run.curriculum.markers:
-        raise InputError(f"--n-thoughts: a {run.curriculum.method} model has no thoughts")
+    check_thoughts(run, n_thoughts)
     records = read_records(run.args.dataset, path)
     for i, r in enumerate(records):
         if check:
             check(r, f"{path}: record {i}")
     tokens = [tokenize_record(r, i, path) for i, r in enumerate(records)]
-    fits = lambda ks: check_fits(tokens, path, run.curriculum, [run.stage], run.model.gpt.config.block_size,  # noqa: E731
+    return dict(path=path, records=records, tokens=fitted_tokens(run, tokens, path, n_thoughts))
+
+
+def check_thoughts(run, n_thoughts):
+    """--n-thoughts only for a model that has thoughts."""
+    if n_thoughts and not run.curriculum.markers:
+        raise InputError(f"--n-thoughts: a {run.curriculum.method} model has no thoughts")
+
+
+def fitted_tokens(run, tokens, where, n_thoughts=None):
+    """Tokenized records, checked to fit the run's model (also with each number of thoughts in
+    n_thoughts), in its vocabulary's ids."""
+    fits = lambda ks: check_fits(tokens, where, run.curriculum, [run.stage], run.model.gpt.config.block_size,  # noqa: E731
                                  run.vocab, ks)
     fits(())
     for k in n_thoughts or ():
@@ -133,7 +200,7 @@ def read_questions(run, path=None, n_thoughts=None, check=None):
             fits([k])
         except DataError as e:
             raise InputError(f"--n-thoughts {k}: {e}") from None
-    return dict(path=path, records=records, tokens=tokens)
+    return [run.vocab.map_tokens(t) for t in tokens]
 
 
 def main(argv=None):

@@ -1,9 +1,6 @@
 """
 GPT-2 in one file, in the style of nanoGPT (karpathy/nanoGPT), with what Coconut needs from it.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
 Beyond nanoGPT's model, this one takes
 - input embeddings instead of token ids (a continuous thought is a vector, not a token),
 - explicit per-row position ids and a padding mask (Coconut's batches are left-padded),
@@ -202,14 +199,15 @@ class GPT(nn.Module):
                 cache=None, return_hidden=False):
         """nanoGPT's interface: logits, loss = model(idx, targets), with logits at every position.
 
-        targets are the next-token ids (already shifted, -1 = ignored), as in nanoGPT.
+        targets are the next-token ids (already shifted), as in nanoGPT; -100 is ignored, as in
+        Coconut's labels (and PyTorch's and Hugging Face's default; nanoGPT uses -1).
         With return_hidden=True the final hidden states (after ln_f) come third.
         """
         h = self.hidden(idx, embeds, position_ids, attention_mask, cache)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return (logits, loss, h) if return_hidden else (logits, loss)
 
     def grow_vocab(self, vocab_size, init_from_id):

@@ -1,9 +1,6 @@
 """
 Ask trained models questions and look at their continuous thoughts.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
     python sample.py                                   # the newest runs (e.g. the CPU preset's), side by side
     python sample.py out/prosqa/coconut --index 0,17,42
     python sample.py out/cpu-small --file data/prosqa-small/valid.json --num 5 --n-thoughts 0,3
@@ -24,10 +21,9 @@ import torch
 
 from analyze import node_values, thoughts_of
 from checkpoint import runs_in
-from coconut import build_example, collate, forward_passes
 from common import ArgumentParser, InputError, bounded, counts, errors_in_one_line, nonempty
 from data import bfs, children_of, decode, encode, grade
-from evaluate import check_fits, model_flags, open_run, read_questions
+from evaluate import check_thoughts, fitted_tokens, forward_passes, model_flags, open_run, read_questions
 
 
 def runs_under(path):
@@ -47,8 +43,8 @@ def runs_under(path):
 
 def show(run, record, tokens, n_thoughts, args):
     """One model's answer to one question, with its thoughts read both ways."""
-    prompt = build_example(tokens, run.curriculum, run.stage, prompt_only=True, n_thoughts=n_thoughts)
-    batch = collate([prompt], for_generation=True, device=run.model.gpt.lm_head.weight.device, vocab=run.vocab)
+    prompt = run.example(tokens, prompt_only=True, n_thoughts=n_thoughts)
+    batch = run.batch([prompt], for_generation=True)
     answer = run.model.generate(**batch, max_new_tokens=args.max_new_tokens or run.args.max_new_tokens)[0]
     thoughts = thoughts_of(run.model, batch)[0]
     print(f"  {run.curriculum.method} ({run.path}, stage {run.stage}"
@@ -86,9 +82,9 @@ def main(argv=None):
     with errors_in_one_line():
         runs = [open_run(path, args) for path in runs_under(args.run)]
         questions = pick_questions(runs, args)
-    for record, tokens in questions:
+    for record, tokens_per_run in questions:
         print(f"Q: {record['question']}" + (f"\n   (gold: {record['answer']})" if record["answer"] else ""))
-        for run in runs:
+        for run, tokens in zip(runs, tokens_per_run):
             for k in thoughts_for(run, runs, args):
                 show(run, record, tokens, k, args)
         print()
@@ -104,26 +100,28 @@ def thoughts_for(run, runs, args):
 
 
 def pick_questions(runs, args):
-    """[(record, tokens)] to ask every run: --question, or records of a file (every model must
-    know their tokens and fit them in its context, with the thoughts it will get)."""
+    """[(record, [its tokens in each run's vocabulary])] to ask every run: --question, or records of
+    a file (every model must know their tokens and fit them in its context, with the thoughts it
+    will get)."""
     if args.question:
-        tokens = dict(question=encode(args.question + "\n"), steps=[], answer=[])
+        tokens = [dict(question=encode(args.question + "\n"), steps=[], answer=[])]
+        per_run = []
         for run in runs:
             ks = [k for k in thoughts_for(run, runs, args) if k is not None]
-            if ks and not run.curriculum.markers:
-                raise InputError(f"--n-thoughts: a {run.curriculum.method} model has no thoughts")
-            check_fits([tokens], "--question", run.curriculum, [run.stage], run.model.gpt.config.block_size,
-                       run.vocab, ks)
-        return [(dict(question=args.question, steps=[], answer=None), tokens)]
+            check_thoughts(run, ks)
+            per_run.append(fitted_tokens(run, tokens, "--question", ks))
+        return [(dict(question=args.question, steps=[], answer=None), [t[0] for t in per_run])]
+    per_run = []
     for i, run in enumerate(runs):  # the first run's test file by default
         ks = [k for k in thoughts_for(run, runs, args) if k is not None]
         questions = read_questions(run, args.file or (runs[0].args.test_file if i else None), ks or None)
-    records, tokens = questions["records"], questions["tokens"]
+        per_run.append(questions["tokens"])
+    records = questions["records"]
     picked = args.index or range(min(args.num or 3, len(records)))
     for i in picked:
         if i >= len(records):
             raise InputError(f"--index {i}: the file has records 0 to {len(records) - 1}")
-    return [(records[i], tokens[i]) for i in picked]
+    return [(records[i], [tokens[i] for tokens in per_run]) for i in picked]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,6 @@
 """
 Train Coconut and its baselines, in the style of nanoGPT's train.py.
 
-Flow of the repository: data -> model -> coconut -> config -> checkpoint -> evaluate -> train
--> analyze -> sample.
-
     python train.py --dataset prosqa --stage all          # the paper's recipe: GPT-2 124M, 50 epochs
     torchrun --standalone --nproc_per_node=4 train.py --dataset prosqa --stage all
     python train.py --preset cpu                          # a laptop: Coconut vs CoT vs No-CoT
@@ -26,14 +23,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, Run, coconut_of, fetch_weights, load_model, read_checkpoint, rng_state,
+from checkpoint import (check_run_folders, fetch_weights, load_model, read_checkpoint, resume_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
-from coconut import build_example, collate
-from common import (InputError, barrier, ddp, errors_in_one_line, flag, master, rank, setup_device, world, write_atomic,
+from coconut import Coconut
+from common import (InputError, barrier, ddp, errors_in_one_line, master, rank, setup_device, world, write_atomic,
                     write_jsonl)
-from config import GENERATOR_FLAGS, GRAPH_FLAGS, RUNTIME_FLAGS, SIZE_FLAGS, curriculum_of, get_args
+from config import GENERATOR_FLAGS, GRAPH_FLAGS, SIZE_FLAGS, curriculum_of, get_chain
 from data import SPLITS, DataError, Vocab, fresh_records, gsm8k_help, load_split, prepare_splits, tokenize_record
-from evaluate import check_fits, evaluate
+from evaluate import Run, check_fits, evaluate
 from model import GPT, HUB_MODELS, GPTConfig
 
 
@@ -47,51 +44,17 @@ class Progress:
     epoch: int = 0  # epochs done
     stage: int = None  # the stage of the last epoch
     opt_steps: int = 0  # optimizer steps since the last reset (the warm-up counts them)
-    best_acc: float = -1.0  # the best validation accuracy at the current stage
+    best: float = float("-inf")  # the best validation score at the current stage (--best-by)
     history: list = field(default_factory=list)  # the metrics of each epoch
 
 
 # -----------------------------------------------------------------------------
 # Run folders and data
 
-def check_run_folders(args):
-    """Before any work: never overwrite a run without --resume, and resume only what can be. A run
-    killed in its first epoch (no ckpt.pt, no log.jsonl yet) starts again; a folder that lost its
-    ckpt.pt but has a log is refused rather than overwritten."""
-    runs = [os.path.join(args.out_dir, m) for m in args.methods]
-    for run_dir in runs:
-        kept = [f for f in ("ckpt.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(run_dir, f))]
-        if kept and not args.resume:
-            raise CheckpointError(f"{run_dir} already holds a run: pass --resume to continue it, or "
-                                  f"choose another --out-dir")
-        if "log.jsonl" in kept and "ckpt.pt" not in kept:
-            raise CheckpointError(f"{run_dir} holds {' and '.join(kept)} but no ckpt.pt to resume from: "
-                                  f"move it away, or choose another --out-dir")
-    started = ("ckpt.pt", "args.json")  # args.json is written when a run starts
-    if args.resume and not any(os.path.exists(os.path.join(d, f)) for d in runs for f in started):
-        raise CheckpointError(f"--resume: no run to resume in {args.out_dir} (no <method>/ckpt.pt there)")
-
-
-def resume_checkpoint(run_dir, flags, data):
-    """The checkpoint of the run to resume (None for a new run), if it was trained with the same
-    flags (but RUNTIME_FLAGS) on the same data, compared by content: the files may have moved."""
-    path = os.path.join(run_dir, "ckpt.pt")
-    if not os.path.exists(path):
-        return None
-    ckpt = read_checkpoint(path)
-    changed = [k for k, v in flags.items() if k not in RUNTIME_FLAGS and ckpt["args"].get(k) != v]
-    if changed:
-        raise CheckpointError(f"{path} was trained with different settings: " + ", ".join(
-            f"{flag(k)} {ckpt['args'].get(k)} (now {flags[k]})" for k in changed))
-    for split, d in data.items():
-        if ckpt["data"][split] != d["sha256"]:
-            raise CheckpointError(f"{d['path']} is not the {split} data that {path} was trained on")
-    return ckpt
-
-
-def load_data(args):
+def load_data(args, generate=True):
     """{split: data.load_split(...)}: the given files, else data_dir's (ProsQA and ProntoQA are
-    generated there once). Paths become absolute, so that the run finds its data from anywhere."""
+    generated there once). Paths become absolute, so that the run finds its data from anywhere.
+    generate=False only checks that the data can be had, and returns None."""
     paths = {s: getattr(args, f"{s}_file") or os.path.join(args.data_dir, f"{s}.json") for s in SPLITS}
     for path in paths.values():
         if args.dataset == "gsm8k" and not os.path.exists(path):
@@ -100,7 +63,10 @@ def load_data(args):
         sizes = {s: getattr(args, f"n_{s}") for s in SPLITS if getattr(args, f"n_{s}") is not None}
         knobs = {k: getattr(args, k) for k in GRAPH_FLAGS} if args.dataset == "prosqa" else {}
         asked = {"seed" if k == "data_seed" else k for k in GENERATOR_FLAGS & set(args.given)}
-        prepare_splits(args.dataset, args.data_dir, args.data_seed, sizes, progress=True, asked=asked, **knobs)
+        prepare_splits(args.dataset, args.data_dir, args.data_seed, sizes, progress=True, asked=asked,
+                       generate=generate, **knobs)
+    if not generate:
+        return None
     barrier()  # the other ranks wait for the generated files
     for split, path in paths.items():
         setattr(args, f"{split}_file", os.path.abspath(path))
@@ -117,11 +83,11 @@ def epoch_order(seed, epoch, n):
     return order[:n // world * world][rank::world].tolist()
 
 
-def train_epoch(model, vocab, optimizer, examples, progress, args, ctx, desc):
+def train_epoch(run, model, optimizer, examples, progress, args, ctx, desc):
     """One epoch of optimizer steps over this process's share of the examples, in their order:
     warm-up, micro-batches with gradient accumulation, clipping. Returns the mean loss, the tokens
-    seen (all processes), the seconds taken and the last learning rate."""
-    coconut = model.module if ddp else model
+    seen (all processes), the seconds taken and the last learning rate. model: run.model, or its
+    DistributedDataParallel wrapper under torchrun."""
     device = next(model.parameters()).device
     per_rank = args.batch_size // world
     n_steps = (len(examples) + per_rank - 1) // per_rank
@@ -138,7 +104,7 @@ def train_epoch(model, vocab, optimizer, examples, progress, args, ctx, desc):
         micro = [batch_examples[i:i + mb] for i in range(0, len(batch_examples), mb)]
         step_loss = torch.zeros((), dtype=torch.float64, device=device)  # read at the end: no waiting on the GPU
         for m, part in enumerate(micro):
-            batch = collate(part, device=device, vocab=vocab)
+            batch = run.batch(part)
             if ddp:  # only the last micro-step of a batch needs the gradient all-reduce
                 model.require_backward_grad_sync = m == len(micro) - 1
             with ctx:
@@ -150,7 +116,7 @@ def train_epoch(model, vocab, optimizer, examples, progress, args, ctx, desc):
             n_tokens += sum(len(e["input_ids"]) for e in part)
         # the norm of the whole (all-reduced) gradient, so every process stops at the same step;
         # max_norm=inf measures without clipping (the factor is exactly 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(coconut.gpt.parameters(), args.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.gpt.parameters(), args.grad_clip or float("inf"))
         if not torch.isfinite(grad_norm):
             raise TrainError(f"{desc}: the gradient became {grad_norm.item()} at step {step + 1}; "
                              f"stopped before updating the weights, and the last checkpoint is "
@@ -167,14 +133,14 @@ def train_epoch(model, vocab, optimizer, examples, progress, args, ctx, desc):
 
 
 @torch.no_grad()
-def validation_loss(model, vocab, examples, args, ctx):
-    model.eval()
+def validation_loss(run, examples, args, ctx):
+    model = run.model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x examples, examples
     for i in range(rank * args.micro_batch_size, len(examples), args.micro_batch_size * world):
         chunk = examples[i:i + args.micro_batch_size]
         with ctx:
-            loss = model(**collate(chunk, device=device, vocab=vocab))
+            loss = model(**run.batch(chunk))
         sums += torch.tensor([loss.item() * len(chunk), len(chunk)], dtype=torch.float64, device=device)
     if ddp:
         torch.distributed.all_reduce(sums)
@@ -183,16 +149,15 @@ def validation_loss(model, vocab, examples, args, ctx):
 
 def train_and_validate(args, run, train_model, optimizer, data, progress, ctx, desc):
     """One epoch of training at run.stage, then the validation loss and accuracy, logged in
-    progress.history; returns the accuracy."""
-    t0, epoch, curriculum = time.time(), progress.epoch, run.curriculum
+    progress.history; returns the epoch's score for --best-by (higher is better)."""
+    t0, epoch = time.time(), progress.epoch
     tokens = fresh_tokens(args, run, epoch, data) if args.fresh_data and epoch > 0 else data["train"]["tokens"]
     example_rng = random.Random(args.seed * 100003 + epoch)  # the stage mixing of this epoch
-    examples = [build_example(t, curriculum, run.stage, rng=example_rng) for t in tokens]
+    examples = [run.example(t, rng=example_rng) for t in tokens]
     examples = [examples[i] for i in epoch_order(args.seed, epoch, len(examples))]
-    loss, n_tokens, seconds, lr = train_epoch(train_model, run.vocab, optimizer, examples, progress, args, ctx, desc)
+    loss, n_tokens, seconds, lr = train_epoch(run, train_model, optimizer, examples, progress, args, ctx, desc)
     valid = data["valid"]
-    val_loss = validation_loss(run.model, run.vocab, [build_example(t, curriculum, run.stage) for t in valid["tokens"]],
-                               args, ctx)
+    val_loss = validation_loss(run, [run.example(t) for t in valid["tokens"]], args, ctx)
     val, _ = evaluate(run, valid, ctx, args.eval_batch_size, args.max_new_tokens)
     progress.epoch = epoch + 1
     progress.history.append(dict(
@@ -201,7 +166,7 @@ def train_and_validate(args, run, train_model, optimizer, data, progress, ctx, d
         tokens_per_s=round(n_tokens / seconds), seconds=round(time.time() - t0, 1)))
     if master:
         print(json.dumps(progress.history[-1]), flush=True)
-    return val["acc"]
+    return val["acc"] if args.best_by == "accuracy" else -val_loss
 
 
 def fresh_tokens(args, run, epoch, data):
@@ -215,7 +180,7 @@ def fresh_tokens(args, run, epoch, data):
             t = tokenize_record(r, i, "fresh data")
             check_fits([t], "fresh data", run.curriculum, run.curriculum.stages, run.model.gpt.config.block_size,
                        run.vocab)
-            tokens.append(t)
+            tokens.append(run.vocab.map_tokens(t))
         except DataError:
             pass
     if len(tokens) < len(records) and master:
@@ -253,7 +218,9 @@ def train_method(args, method, data, device, ctx):
     stages = set(schedule) | ({0} if args.uniform_prob else set())  # mixing may draw stage 0
     for d in data.values():
         check_fits(d["tokens"], d["path"], curriculum, sorted(stages), gpt.config.block_size, vocab)
-    run = Run(coconut_of(gpt.to(device), vocab, curriculum), vocab, curriculum, stage=None)
+    # the questions in the model's ids, once
+    data = {s: dict(d, tokens=[vocab.map_tokens(t) for t in d["tokens"]]) for s, d in data.items()}
+    run = Run(Coconut(gpt.to(device), vocab.special, curriculum.feedback), vocab, curriculum, stage=None)
     train_model = torch.nn.parallel.DistributedDataParallel(
         run.model, device_ids=[device] if device.startswith("cuda") else None) if ddp else run.model
     new_optimizer = lambda: gpt.configure_optimizers(  # noqa: E731
@@ -277,12 +244,12 @@ def train_method(args, method, data, device, ctx):
             if progress.stage is not None:  # a fresh AdamW: the paper resets it at each stage
                 optimizer, progress.opt_steps = new_optimizer(), 0
             if schedule[epoch] != progress.stage:
-                progress.best_acc = -1.0  # "best" means best at the latest stage
+                progress.best = float("-inf")  # "best" means best at the latest stage
             progress.stage = schedule[epoch]
         run.stage = progress.stage
         desc = f"{method} epoch {epoch + 1}/{len(schedule)} stage {progress.stage}"
-        acc = train_and_validate(args, run, train_model, optimizer, data, progress, ctx, desc)
-        improved, progress.best_acc = acc > progress.best_acc, max(acc, progress.best_acc)
+        score = train_and_validate(args, run, train_model, optimizer, data, progress, ctx, desc)
+        improved, progress.best = score > progress.best, max(score, progress.best)
         if master:
             save_epoch(args, method, run, optimizer, data, progress, improved)
         barrier()
@@ -316,10 +283,11 @@ def test_best(args, method, run, data, ctx):
     run.stage = best["stage"]
     test, _ = evaluate(run, data["test"], ctx, args.eval_batch_size, args.max_new_tokens)
     test = dict(test=True, method=method, stage=best["stage"], best_epoch=best["epoch"],
-                val_acc=best["best_acc"], train_minutes=round(sum(h["seconds"] for h in ckpt["history"]) / 60, 2),
+                val_acc=ckpt["history"][best["epoch"] - 1]["val_acc"],
+                train_minutes=round(sum(h["seconds"] for h in ckpt["history"]) / 60, 2),
                 **{f"test_{k}": round(v, 5) for k, v in test.items()})
     if master:  # the log first: a run whose ckpt.pt holds the test is finished and never rewrites it
-        print(json.dumps(test))
+        print(json.dumps(test) + chance_note(args, test))
         write_jsonl(ckpt["history"] + [test], os.path.join(run_dir, "log.jsonl"))
         save_checkpoint(dict(ckpt, test=test), os.path.join(run_dir, "ckpt.pt"))
     return test
@@ -353,7 +321,7 @@ def train_in_parallel(args, data):
     # each job in a fresh process; leaving the with-block on an error stops them all
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
         for r in pool.imap_unordered(train_job, [(args, m, data) for m in args.methods]):
-            print(f"{r['method']}: done, test accuracy {100 * r['test_acc']:.1f}%")
+            print(f"{r['method']}: done, test accuracy {100 * r['test_acc']:.1f}%" + chance_note(args, r))
             results[r["method"]] = r
         pool.close()
         pool.join()
@@ -369,22 +337,40 @@ def print_table(args, results, seconds):
               f"{r['test_tokens']:.1f} | {r['test_passes']:.1f} | {r['train_minutes']:.1f} |")
 
 
+def chance_note(args, result):
+    """A plain sentence when a run's best validation accuracy at its last stage is within 10 points
+    of chance (a question of ProsQA or ProntoQA has two possible answers): it did not learn."""
+    if args.best_by != "accuracy" or args.dataset not in ("prosqa", "prontoqa") or result["val_acc"] >= 0.6:
+        return ""
+    return (f"\n{result['method']}: validation {100 * result['val_acc']:.1f}% at its last stage, at chance (50%): "
+            f"it did not learn (README: when a run does not learn)")
+
+
+def train_runs(args, data):
+    """Every --method of one set of flags (one link of a chain) on its data, then their table."""
+    device, ctx = setup_device(args.device, args.dtype, args.threads)
+    t0 = time.time()
+    if args.jobs > 1 and len(args.methods) > 1 and not ddp:
+        results = train_in_parallel(args, data)
+    else:
+        results = [train_method(args, method, data, device, ctx) for method in args.methods]
+    if master and len(results) > 1:
+        print_table(args, results, time.time() - t0)
+
+
 def main(argv=None):
-    args = get_args(argv)
+    chain = get_chain(argv)
     try:
         with errors_in_one_line():
-            device, ctx = setup_device(args.device, args.dtype, args.threads)
-            check_run_folders(args)  # before any long work
-            if args.init in HUB_MODELS:
-                fetch_weights(args.init)
-            data = load_data(args)
-            t0 = time.time()
-            if args.jobs > 1 and len(args.methods) > 1 and not ddp:
-                results = train_in_parallel(args, data)
-            else:
-                results = [train_method(args, method, data, device, ctx) for method in args.methods]
-            if master and len(results) > 1:
-                print_table(args, results, time.time() - t0)
+            check_run_folders(chain)  # before any long work
+            for args in chain:
+                if args.init in HUB_MODELS:
+                    fetch_weights(args.init)
+            for args in chain:  # every link's data folder checked before any is generated, or trained on
+                load_data(args, generate=False)
+            data = [load_data(args) for args in chain]
+            for args, link_data in zip(chain, data):
+                train_runs(args, link_data)
     finally:
         if ddp:
             torch.distributed.destroy_process_group()

@@ -23,9 +23,9 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoint  # noqa: E402
 import coconut  # noqa: E402
 import data  # noqa: E402
+import evaluate  # noqa: E402
 from model import GPT  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def check_saved_checkpoints(official_coconut, prompts):
         model = official_coconut(hf, data.LATENT, data.START_LATENT, data.END_LATENT, data.EOS) if method == "coconut" else hf
         path = os.path.join(folder, f"{method}_checkpoint")
         torch.save(model.state_dict(), path)
-        run = checkpoint.load_run(path, method=method, dataset="prosqa")
+        run = evaluate.load_run(path, method=method, dataset="prosqa")
         idx = torch.randint(0, 50257, (2, 24))
         with torch.no_grad():
             worst = (run.model.gpt(idx)[0][..., :vocab_size] - hf(idx).logits).abs().max().item()

@@ -20,12 +20,12 @@ sys.path.insert(0, ROOT)
 import analyze  # noqa: E402
 from analyze import (ABLATIONS, CATEGORIES, ablations, classify, frontier_hits, heights, mean_top,  # noqa: E402
                      node_values, reached_in, value_tables)
-from checkpoint import Run  # noqa: E402
+from evaluate import Run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example  # noqa: E402
 from conftest import small_prosqa  # noqa: E402
 from data import LATENT, Vocab, children_of, encode, save_records, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from reference import naive_thoughts  # noqa: E402
+from coconut import naive_think  # noqa: E402
 
 # Tom -> a, b, g; a -> c, f; b -> c, d; g -> d; c -> d; Ann -> e.  Target d (shortest: Tom-b-d and
 # Tom-g-d, 2 edges), other option e (reached from Ann only), f a dead end.
@@ -124,7 +124,7 @@ def test_node_values_equal_a_naive_recomputation(record, forced):
             ids, expected = prompt, 0.0
             for token in encode(" " + record["idx_to_symbol"][node]):
                 with torch.no_grad():
-                    logits = gpt(embeds=naive_thoughts(gpt, ids))[0][0, -1]
+                    logits = gpt(embeds=naive_think(gpt, ids))[0][0, -1]
                 expected += torch.log_softmax(logits, -1)[token].item()
                 ids = ids + [token]
             # values are products of small probabilities (about 1e-14 here): compared as logarithms
@@ -181,7 +181,7 @@ def test_ablations_change_the_thoughts_exactly_as_described(monkeypatch):
     def own(t):
         ids = build_example(t, curriculum, 3, prompt_only=True)["input_ids"] + encode("###")
         with torch.no_grad():
-            filled = naive_thoughts(gpt, ids)[0]
+            filled = naive_think(gpt, ids)[0]
         return filled[[j for j, x in enumerate(ids) if x == LATENT]]
     own = [own(t) for t in tokens]
     calls, think = [], run.model.think

@@ -20,7 +20,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from checkpoint import CheckpointError, export_hf, load_model, load_run  # noqa: E402
+from checkpoint import CheckpointError, export_hf, load_model  # noqa: E402
+from evaluate import load_run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
 from data import LATENT, Vocab, make_splits, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

@@ -2,9 +2,9 @@
 Tests of coconut.py against naive references written here.
 
 Run: python -m pytest -q tests/test_coconut.py
-The naive reference is the method as the paper states it, one example at a time with no padding
-and no KV cache: for every thought, run the whole prefix again and copy the last hidden state into
-the next input embedding.
+The naive reference is the method's definition, coconut.naive_think: one example at a time with no
+padding and no KV cache, for every thought run the whole prefix again and copy the last hidden
+state into the next input embedding.
 """
 
 import random
@@ -14,10 +14,12 @@ import torch
 from torch.nn import functional as F
 
 from analyze import thoughts_of
-from coconut import Coconut, Curriculum, build_example, collate, forward_passes, stage_layout
-from data import END_LATENT, EOS, LATENT, START_LATENT, Vocab
+from coconut import Coconut, Curriculum, build_example, collate, naive_think, stage_layout
+from common import pad_columns
+from data import END_LATENT, EOS, GPT2_SPECIAL_IDS, LATENT, START_LATENT, Vocab
+from evaluate import forward_passes
 from model import GPT, GPTConfig
-from reference import naive_thoughts, official_generate
+from reference import official_generate
 
 S, E, L = START_LATENT, END_LATENT, LATENT
 
@@ -39,9 +41,19 @@ def logits_of(model, batch):
     return model.gpt.lm_head(model.think(batch["input_ids"], batch["attention_mask"], batch["position_ids"]))
 
 
+class Detached:
+    """A GPT whose hidden states come detached: naive_think over it cuts the gradient through the
+    thoughts."""
+
+    def __init__(self, gpt):
+        self.transformer, self.lm_head = gpt.transformer, gpt.lm_head
+        self.hidden = lambda **kwargs: gpt.hidden(**kwargs).detach()
+
+
 def naive_loss_sum(gpt, example, detach=False, latent_id=LATENT):
     """Summed cross-entropy of one example (labels shifted), and how many tokens it counts."""
-    logits = gpt(embeds=naive_thoughts(gpt, example["input_ids"], detach, latent_id))[0][0]
+    embeds = naive_think(Detached(gpt) if detach else gpt, example["input_ids"], latent_id)
+    logits = gpt(embeds=embeds)[0][0]
     labels = torch.tensor(example["labels"])
     keep = labels[1:] != -100
     return F.cross_entropy(logits[:-1][keep], labels[1:][keep], reduction="sum"), int(keep.sum())
@@ -129,8 +141,7 @@ def test_batched_generation_equals_one_by_one():
     expected = [official_generate(gpt, p, 8, eos_id) for p in prompts]
     assert len({len(e) for e in expected}) > 1
 
-    model = Coconut(gpt)
-    model.eos_id = eos_id
+    model = Coconut(gpt, GPT2_SPECIAL_IDS._replace(eos=eos_id))
     batch = collate([{"input_ids": p, "labels": [-100] * len(p)} for p in prompts], for_generation=True)
     answers = model.generate(**batch, max_new_tokens=8)
     thoughts = thoughts_of(model, batch)
@@ -141,7 +152,7 @@ def test_batched_generation_equals_one_by_one():
         assert t.shape == (n, 32)
         if n:
             with torch.no_grad():
-                filled = naive_thoughts(gpt, p)[0]
+                filled = naive_think(gpt, p)[0]
             slots = [j for j, tok in enumerate(p) if tok == LATENT]
             torch.testing.assert_close(t, filled[slots], atol=1e-5, rtol=1e-5)
     # forward passes, as the paper counts them, are the passes one question alone takes: counted here
@@ -149,8 +160,8 @@ def test_batched_generation_equals_one_by_one():
     hidden = gpt.hidden
     gpt.hidden = lambda *a, **k: calls.append(1) or hidden(*a, **k)
     for p in prompts:  # each row ends at its eos: here the token it writes third
-        model.eos_id = official_generate(gpt, p, 3, eos_id=-1)[2]
-        e = official_generate(gpt, p, 8, model.eos_id)
+        model.special = GPT2_SPECIAL_IDS._replace(eos=official_generate(gpt, p, 3, eos_id=-1)[2])
+        e = official_generate(gpt, p, 8, model.special.eos)
         calls.clear()
         assert model.generate(**collate([{"input_ids": p}], for_generation=True), max_new_tokens=8) == [e]
         assert len(calls) == forward_passes(p.count(LATENT), len(e))
@@ -170,10 +181,11 @@ def test_batched_generation_keeps_each_rows_positions():
 
 
 def test_padding_to_buckets_changes_no_loss_gradient_or_answer():
-    """pad_to (on a GPU, lengths in buckets of 64 columns) adds only pads: the loss, the gradients
-    and the greedy answers stay those of the tightest padding, to 1e-6."""
+    """pad_columns (on a GPU, lengths in buckets of 64 columns) adds only pads: the loss, the
+    gradients and the greedy answers stay those of the tightest padding, to 1e-6."""
     examples = mixed_batch_examples()
-    tight, bucketed = collate(examples), collate(examples, pad_to=16)
+    tight = collate(examples)
+    bucketed = pad_columns(tight, 16, GPT2_SPECIAL_IDS)
     assert bucketed["input_ids"].shape[1] % 16 == 0 and bucketed["input_ids"].shape[1] > tight["input_ids"].shape[1]
     assert bucketed["input_ids"].tolist()[0].index(L) % 16 == 0  # the thoughts' column too
     gpt, ref = tiny_gpt(), tiny_gpt()
@@ -190,26 +202,30 @@ def test_padding_to_buckets_changes_no_loss_gradient_or_answer():
     prompts = [{"input_ids": p} for p in generation_prompts()]
     model = Coconut(gpt)
     expected = model.generate(**collate(prompts, for_generation=True), max_new_tokens=6)
-    assert model.generate(**collate(prompts, for_generation=True, pad_to=16), max_new_tokens=6) == expected
+    bucketed = pad_columns(collate(prompts, for_generation=True), 16, GPT2_SPECIAL_IDS)
+    assert bucketed["input_ids"].shape[1] % 16 == 0 and bucketed["input_ids"][:, -1].tolist() == [E] * len(prompts)
+    assert model.generate(**bucketed, max_new_tokens=6) == expected
 
 
 def test_data_vocabulary_maps_ids_in_and_out():
-    """A model over a few GPT-2 ids (--vocab data) takes and gives GPT-2 ids: its loss and answers
-    are those of the same GPT run on the ids mapped by hand."""
+    """A model over a few GPT-2 ids (--vocab data): a record mapped into its ids (Vocab.map_tokens)
+    and laid out with its own marker ids gives the loss and answers of the same GPT run on the ids
+    mapped by hand, and its answers map back to GPT-2's."""
     ids = sorted({EOS, S, E, L, 10, 20, 30, 40, 50, 60})
     vocab = Vocab(ids)
     torch.manual_seed(0)
     small = GPT(GPTConfig(block_size=32, vocab_size=len(ids), n_layer=1, n_head=2, n_embd=16)).eval()
-    model = Coconut(small, latent_id=ids.index(L), eos_id=ids.index(EOS))
+    model = Coconut(small, vocab.special)
     mapped = lambda tokens: [ids.index(t) for t in tokens]  # noqa: E731
-    example = {"input_ids": [10, 20, 30, S, L, E, 40, 50, EOS], "labels": [-100] * 6 + [40, 50, EOS]}
-    loss_sum, count = naive_loss_sum(small, {"input_ids": mapped(example["input_ids"]),
+    tokens = vocab.map_tokens({"question": [10, 20, 30], "steps": [[60]], "answer": [40, 50, EOS]})
+    example = build_example(tokens, Curriculum(c=1, max_latent_stage=1), 1, special=vocab.special)
+    assert example["input_ids"] == mapped([10, 20, 30, S, L, E, 40, 50, EOS])
+    loss_sum, count = naive_loss_sum(small, {"input_ids": mapped([10, 20, 30, S, L, E, 40, 50, EOS]),
                                              "labels": [-100] * 6 + mapped([40, 50, EOS])}, latent_id=ids.index(L))
-    torch.testing.assert_close(model(**collate([example], vocab=vocab)), loss_sum / count)
-    prompt = [10, 20, 30, S, L, E]
-    expected = official_generate(small, mapped(prompt), 5, eos_id=-1, latent_id=ids.index(L))
-    answer = [vocab.to_gpt2(a) for a in model.generate(**collate([{"input_ids": prompt}], for_generation=True,
-                                                                 vocab=vocab), max_new_tokens=5)]
+    torch.testing.assert_close(model(**collate([example], special=vocab.special)), loss_sum / count)
+    prompt = build_example(tokens, Curriculum(c=1, max_latent_stage=1), 1, special=vocab.special, prompt_only=True)
+    expected = official_generate(small, mapped([10, 20, 30, S, L, E]), 5, eos_id=-1, latent_id=ids.index(L))
+    answer = [vocab.to_gpt2(a) for a in model.generate(**collate([prompt], True, vocab.special), max_new_tokens=5)]
     assert answer == [[ids[i] for i in expected]]
 
 
@@ -264,7 +280,7 @@ def test_prompts_and_thought_override():
 def test_uniform_prob_mixes_stages():
     rng = random.Random(0)
     cur = Curriculum(c=1, max_latent_stage=3, uniform_prob=1.0)
-    counts = {build_example(TOKENS, cur, 1, rng)["input_ids"].count(L) for _ in range(200)}
+    counts = {build_example(TOKENS, cur, 1, rng=rng)["input_ids"].count(L) for _ in range(200)}
     assert counts == {0, 1, 2, 3}  # stages 0..n_steps drawn at random
     assert stage_layout(cur, 3, 3) == (3, 3)
 

@@ -8,8 +8,10 @@ Run: python -m pytest -q tests/test_data.py   (about 15 s on two cores, no netwo
 """
 
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from collections import deque
@@ -178,20 +180,27 @@ def test_fresh_records_are_new_and_held_out(tmp_path):
     assert {r["question"] for r in data.fresh_records(str(tmp_path), 1, exclude)}.isdisjoint(exclude)
 
 
-def test_prosqa_statistics_near_the_release(prosqa):
-    # the official release's test file: nodes 22.8, edges 35.8, steps 3.78 (40/43/14/2.4 %), persons
-    # 2.6, question 357 tokens. Bounds are loose: 2000 graphs, 300 tokenized questions.
-    def mean(xs):
-        return sum(xs) / len(xs)
-    assert 21.7 < mean([len(r["idx_to_symbol"]) for r in prosqa]) < 23.9
-    assert 34.0 < mean([len(r["edges"]) for r in prosqa]) < 37.6
-    steps = [len(r["steps"]) for r in prosqa]
-    assert 3.6 < mean(steps) < 3.96
+def test_prosqa_statistics_near_the_release():
+    """Our generator against the official release's test file (500 records): nodes 22.8, edges
+    35.8, steps 3.78 (3 / 4 / 5 / 6 steps: 40 / 43 / 14 / 2.4%), question 357 tokens. Judged over
+    six seeds, so that no one draw of the random stream decides: each release figure must lie
+    within 4 standard errors of the difference between a 500-record file and our records (the
+    spread per record measured on ours). Persons are a known gap (2.6 in the release, 2.8 here:
+    NOTES.md), held to within 0.3."""
+    records = [r for seed in range(6) for r in data.generate_prosqa(500, seed)]
+
+    def near(values, release):
+        mean, variance = statistics.fmean(values), statistics.pvariance(values)
+        assert abs(mean - release) < 4 * math.sqrt(variance / 500 + variance / len(values)), (mean, release)
+    near([len(r["idx_to_symbol"]) for r in records], 22.8)
+    near([len(r["edges"]) for r in records], 35.8)
+    steps = [len(r["steps"]) for r in records]
+    near(steps, 3.78)
     for k, share in {3: 0.40, 4: 0.43, 5: 0.14, 6: 0.024}.items():
-        assert abs(steps.count(k) / len(steps) - share) < 0.05
-    persons = [len({u for u, _ in r["edges"]} - {v for _, v in r["edges"]}) for r in prosqa]
-    assert 2.3 < mean(persons) < 3.0
-    assert 335 < mean([len(data.encode(r["question"])) for r in prosqa[:300]]) < 380
+        near([n == k for n in steps], share)
+    near([len(data.encode(r["question"])) for r in records[::5]], 357)
+    persons = [len({u for u, _ in r["edges"]} - {v for _, v in r["edges"]}) for r in records]
+    assert abs(statistics.fmean(persons) - 2.6) < 0.3
 
 
 # -----------------------------------------------------------------------------
@@ -456,6 +465,14 @@ def test_cli_refuses_bad_input_before_writing(tmp_path, args, expected):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_steps_the_wrong_way_round_are_refused_by_the_cli_and_the_library(tmp_path):
+    p = run_cli("--dataset", "prosqa", "--out", str(tmp_path / "o"), "--min-steps", "4", "--max-steps", "3")
+    assert p.returncode == 1 and p.stderr == "error: --min-steps 4 is more than --max-steps 3\n"
+    with pytest.raises(data.DataError, match="--min-steps 4 is more than --max-steps 3"):
+        data.generate_prosqa(1, 0, min_steps=4, max_steps=3)
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([GOOD, {"question": "q"}]), encoding="utf-8")
@@ -506,3 +523,53 @@ def test_make_splits_no_duplicate_questions(tmp_path, monkeypatch):
     assert len(questions) == 24 and len(set(questions)) == 24
     with pytest.raises(ValueError, match="rejected or repeated"):  # 31 cannot be distinct
         data.make_splits("prosqa", str(tmp_path / "more"), seed=0, sizes=dict(train=21, valid=5, test=5))
+
+
+# -----------------------------------------------------------------------------
+# The compact format and the lookup task (--format compact / lookup)
+
+RECORD = dict(question="Every fox is a owl. Tom is a fox. Tom is a cat. Every cat is a hen. Is Tom a owl or hen?",
+              steps=["Tom is a fox.", "Every fox is a owl."], answer="Tom is a owl.", root=0)
+
+
+def test_compact_writes_facts_as_pairs_on_a_hand_built_record():
+    assert data.compact(RECORD) == dict(question="fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen",
+                                        steps=[" Tom fox .", " fox owl ."], answer="Tom owl", root=0)
+    lookup = data.compact(RECORD, lookup=True)
+    assert lookup["steps"] == [] and lookup["question"] == "fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen"
+    assert sorted(lookup["answer"].removesuffix(" .").split(" . ")) == ["Tom cat", "Tom fox", "cat hen", "fox owl"]
+
+
+def test_compact_steps_spell_names_as_the_question_does():
+    """A step starts a line: its names must still be the question's tokens, so that the name a
+    thought stands for is one the model has read."""
+    tokens = data.tokenize_record(data.compact(RECORD))
+    for step in tokens["steps"]:
+        assert set(step) - set(data.encode("\n")) <= set(tokens["question"]), [data.decode([t]) for t in step]
+
+
+def test_compact_and_lookup_records_state_the_graph_of_the_same_seed():
+    """Generated in either format, a seed gives the paper format's graphs: every fact an edge, the
+    steps a shortest path, the answer root and target; the lookup answer restates every fact once.
+    The compact question is under 60% of the paper's tokens (measured: 57%)."""
+    settings = dict(max_nodes=7, min_steps=2, max_steps=3, names="short", other_option="same-depth")
+    paper = data.generate_prosqa(200, 5, **settings)
+    compact = data.generate_prosqa(200, 5, format="compact", **settings)
+    lookup = data.generate_prosqa(200, 5, format="lookup", **settings)
+    graph = lambda r: (r["idx_to_symbol"], r["edges"], r["root"], r["target"], r["neg_target"])  # noqa: E731
+    for p, c, lk in zip(paper, compact, lookup):
+        assert graph(p) == graph(c) == graph(lk) and c["question"] == lk["question"]
+        names = p["idx_to_symbol"]
+        facts = c["question"].split(" ? ")[0].split(" . ")
+        edges = sorted(tuple(f.removesuffix(" .").split()) for f in facts)
+        assert edges == sorted((names[u], names[v]) for u, v in p["edges"])
+        assert c["question"].split(" ? ")[1] in (f"{names[p['root']]} {names[p['target']]} {names[p['neg_target']]}",
+                                                 f"{names[p['root']]} {names[p['neg_target']]} {names[p['target']]}")
+        path = [tuple(s.split()[:2]) for s in c["steps"]]
+        assert len(path) == len(p["steps"]) and path[0][0] == names[p["root"]] and path[-1][1] == names[p["target"]]
+        assert all(a[1] == b[0] for a, b in zip(path, path[1:])) and set(path) <= set(edges)
+        assert c["answer"] == f"{names[p['root']]} {names[p['target']]}"
+        assert sorted(lk["answer"].removesuffix(" .").split(" . ")) == [" ".join(e) for e in edges]
+        data.tokenize_record(c), data.tokenize_record(lk)
+    tokens = lambda records: sum(len(data.encode(r["question"])) for r in records)  # noqa: E731
+    assert tokens(compact) < 0.6 * tokens(paper)

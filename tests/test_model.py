@@ -167,10 +167,10 @@ def test_logits_at_every_position_and_nanogpt_loss():
     model = tiny_model()
     idx = torch.randint(0, 101, (2, 12))
     targets = torch.randint(0, 101, (2, 12))
-    targets[0, :4] = -1  # ignored, as in nanoGPT
+    targets[0, :4] = -100  # ignored, as in Coconut's labels (nanoGPT uses -1)
     logits, loss = model(idx, targets)
     assert logits.shape == (2, 12, 101)
-    keep = targets != -1
+    keep = targets != -100
     manual = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
     torch.testing.assert_close(loss, manual)
     assert model(idx)[1] is None

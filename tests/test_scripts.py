@@ -1,6 +1,7 @@
 """
-Tests of the research scripts in scripts/: the sweep (a tiny grid trained, reported, and not
-trained again) and the recall toy (its sequences checked against the facts they state).
+Tests of the research scripts in scripts/: the sweep (a tiny grid trained, reported, not trained
+again, and a stopped run continued) and the recall toy (its sequences checked against the facts
+they state).
 
 Run: python -m pytest -q tests/test_scripts.py      (about half a minute on 2 CPU cores)
 """
@@ -9,17 +10,14 @@ import os
 import random
 import sys
 
-import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import small_prosqa  # noqa: E402
-from compact_prosqa import compact  # noqa: E402
 from recall_probe import sequence  # noqa: E402
-from common import InputError  # noqa: E402
-from data import decode, encode, tokenize_record  # noqa: E402
-from test_train import SINGLE_STAGE, read_log, run, snapshot, without  # noqa: E402
+from test_train import SINGLE_STAGE, load, read_log, run, snapshot, untimed, without  # noqa: E402
 
 
 def test_recall_sequences_state_a_chain_of_facts_and_ask_for_them():
@@ -80,27 +78,15 @@ def test_sweep_trains_each_seed_once_and_reports_the_logs(tmp_path_factory):
         assert bad.returncode == 1 and expected in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert snapshot(out) == before  # refused before anything ran
 
-
-RECORD = dict(question="Every fox is a owl. Tom is a fox. Tom is a cat. Every cat is a hen. Is Tom a owl or hen?",
-              steps=["Tom is a fox.", "Every fox is a owl."], answer="Tom is a owl.", root=0)
-
-
-def test_compact_steps_spell_names_as_the_question_does():
-    """A step starts a line: its names must still be the question's tokens, so that the name a
-    thought stands for is one the model has read."""
-    tokens = tokenize_record(compact(RECORD, "r"))
-    for step in tokens["steps"]:
-        assert set(step) - set(encode("\n")) <= set(tokens["question"]), [decode([t]) for t in step]
-
-
-def test_compact_prosqa_writes_facts_as_pairs():
-    assert compact(RECORD, "r") == dict(question="fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen",
-                                        steps=[" Tom fox .", " fox owl ."], answer="Tom owl", root=0)
-    lookup = compact(RECORD, "r", random.Random(0))
-    assert lookup["steps"] == [] and lookup["question"] == "fox owl . Tom fox . Tom cat . cat hen . ? Tom owl hen"
-    restated = lookup["answer"].split(" . ")
-    assert sorted(f.rstrip(" .") for f in restated) == ["Tom cat", "Tom fox", "cat hen", "fox owl"]
-    with pytest.raises(InputError, match="r: the question does not end in"):
-        compact(dict(RECORD, question="Every fox is a owl. Is Tom a owl?"), "r")
-    with pytest.raises(InputError, match="'Tom has a fox.' is not a ProsQA fact"):
-        compact(dict(RECORD, steps=["Tom has a fox."]), "r")
+    # a sweep stopped in a run (its ckpt.pt there, the test not yet scored) continues it: --resume
+    stopped = os.path.join(out, "tiny_run", "s3", "no-cot")
+    finished = read_log(stopped)[-1]
+    ckpt = load(os.path.join(stopped, "ckpt.pt"))
+    torch.save({k: v for k, v in ckpt.items() if k != "test"}, os.path.join(stopped, "ckpt.pt"))
+    with open(os.path.join(stopped, "log.jsonl")) as f:
+        lines = f.readlines()
+    with open(os.path.join(stopped, "log.jsonl"), "w") as f:
+        f.writelines(lines[:-1])
+    again = run(*args, cwd=here)
+    assert again.returncode == 0, again.stderr
+    assert untimed([read_log(stopped)[-1]]) == untimed([finished]) and row[0] in again.stdout

@@ -27,7 +27,8 @@ sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
 from conftest import small_prosqa  # noqa: E402
-from data import Vocab, save_records  # noqa: E402
+from data import Vocab, encode, save_records  # noqa: E402
+from evaluate import Run  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # a 1-layer model on 6-node graphs, three epochs: stage 0 (CoT), 1 (one thought), 2 (all steps gone).
@@ -135,9 +136,9 @@ def processes_with(text):
     return pids
 
 
-def kill_after_first_epoch(cmd, run_dir):
+def kill_after_first_epoch(cmd, run_dir, cwd=ROOT):
     """Start cmd, kill -9 it once an epoch is logged in run_dir (the log is written last)."""
-    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = os.path.join(run_dir, "log.jsonl")
     deadline = time.time() + 120
     while not os.path.exists(log) and proc.poll() is None and time.time() < deadline:
@@ -276,11 +277,11 @@ def test_micro_batches_are_weighed_by_their_share_of_the_batch():
     gpt = GPT(GPTConfig(block_size=32, vocab_size=50260, n_layer=1, n_head=2, n_embd=16))
     reference = GPT(GPTConfig(block_size=32, vocab_size=50260, n_layer=1, n_head=2, n_embd=16))
     reference.load_state_dict(gpt.state_dict())
-    model = Coconut(gpt)
+    run = Run(Coconut(gpt), Vocab(), cur, stage=None)
     args = argparse.Namespace(batch_size=6, micro_batch_size=4, learning_rate=1.0, warmup_iters=0,
-                                    grad_clip=0.0)
+                              grad_clip=0.0)
     optimizer = torch.optim.SGD(gpt.parameters(), lr=1.0)
-    train.train_epoch(model, Vocab(), optimizer, examples, train.Progress(), args, contextlib.nullcontext(), "test")
+    train.train_epoch(run, run.model, optimizer, examples, train.Progress(), args, contextlib.nullcontext(), "test")
     loss = sum(Coconut(reference)(**collate(part)) * len(part) / 6 for part in (examples[:4], examples[4:]))
     loss.backward()
     for (name, p), p0 in zip(gpt.named_parameters(), reference.parameters()):
@@ -351,6 +352,8 @@ def bad_inputs(tiny):
         ("curriculum of no-curriculum", ["--method", "no-curriculum"],
          "--epochs-per-stage changes nothing for no-curriculum"),
         ("epochs of one stage", ["--stage", "1", "--epochs", "4"], "--epochs is the length of --stage all"),
+        ("steps the wrong way round", ["--min-steps", "3", "--max-steps", "2"],
+         "--min-steps 3 is more than --max-steps 2"),
         ("graphs of prontoqa", ["--dataset", "prontoqa", "--max-nodes", "7"],
          "--max-nodes is a setting of the ProsQA generator"),
         ("generator with files", [*files(os.path.join(data, "train.json")), "--n-train", "5"],
@@ -562,7 +565,7 @@ def test_each_epoch_sees_its_own_batch_order(tiny, tmp_path, monkeypatch):
     (which --resume relies on). The examples each epoch is trained on are recorded by a stub."""
     orders = []
 
-    def record(model, vocab, optimizer, examples, progress, args, ctx, desc):
+    def record(run, model, optimizer, examples, progress, args, ctx, desc):
         orders.append([tuple(e["input_ids"]) for e in examples])
         return 1.0, 1, 1.0, args.learning_rate
     monkeypatch.setattr(train, "train_epoch", record)
@@ -576,9 +579,8 @@ def test_each_epoch_sees_its_own_batch_order(tiny, tmp_path, monkeypatch):
     assert (again_first, again_second) == (first, second)
 
 
-def test_bf16_autocast_is_used_on_a_cpu_too_and_resume_may_change_dtype(tiny, tmp_path):
-    """--dtype bfloat16 is honoured off CUDA (the losses differ from float32's), and a finished
-    float32 run may be resumed with another --dtype, the very advice of the non-finite-gradient error."""
+def test_bf16_autocast_is_used_on_a_cpu_too(tiny, tmp_path):
+    """--dtype bfloat16 is honoured off CUDA: the losses differ from float32's, a little."""
     from common import setup_device
     _, ctx = setup_device("cpu", "bfloat16")
     with ctx:
@@ -589,6 +591,11 @@ def test_bf16_autocast_is_used_on_a_cpu_too_and_resume_may_change_dtype(tiny, tm
     assert r.returncode == 0, r.stderr[-3000:]
     bf16, fp32 = read_log(os.path.join(out, "coconut"))[0], read_log(tiny["run"])[0]
     assert bf16["train_loss"] != fp32["train_loss"] and abs(bf16["train_loss"] - fp32["train_loss"]) < 0.05
+
+
+def test_resume_may_change_dtype(tiny):
+    """A finished float32 run may be resumed with another --dtype: the very advice of the
+    non-finite-gradient error."""
     r = run("train.py", *TINY, "--data-dir", tiny["data"], "--out-dir", tiny["out"], "--method", "coconut",
             "--resume", "--dtype", "bfloat16")
     assert r.returncode == 0 and "already finished" in r.stdout, r.stderr[-2000:]
@@ -635,3 +642,31 @@ def test_the_paper_recipe_generates_its_data_on_first_use(tmp_path):
     assert (settings["max_nodes"], settings["min_steps"], settings["max_steps"]) == (28, 3, 6)
     with open(os.path.join(data_dir, "train.json")) as f:
         assert all(3 <= len(r["steps"]) <= 6 for r in json.load(f))
+
+
+def test_the_default_micro_batch_divides_the_batch():
+    """Without --micro-batch-size a CPU takes up to 16 rows at once, as many as divide the batch:
+    --batch-size 24 gives micro-batches of 8 (3 of them), 48 gives 16, 6 gives 6."""
+    from config import get_args
+    for batch, micro in ((24, 8), (48, 16), (6, 6), (128, 16), (7, 1)):
+        assert get_args(["--batch-size", str(batch), "--device", "cpu"]).micro_batch_size == micro, batch
+
+
+def test_every_generator_flag_reaches_the_generator(tmp_path):
+    """Each ProsQA generator flag of train.py, set away from its default, is what the generated
+    folder was made with (its generator.json) and shows in its records."""
+    from config import get_args
+    data_dir = str(tmp_path / "data")
+    args = get_args(["--data-dir", data_dir, "--data-seed", "3", "--n-train", "4", "--n-valid", "2", "--n-test", "2",
+                     "--max-nodes", "9", "--min-steps", "2", "--max-steps", "2", "--names", "short",
+                     "--other-option", "same-depth", "--min-root-children", "2", "--format", "compact"])
+    data = train.load_data(args)
+    with open(os.path.join(data_dir, "generator.json")) as f:
+        assert json.load(f) == dict(dataset="prosqa", seed=3, sizes=dict(train=4, valid=2, test=2), max_nodes=9,
+                                    min_steps=2, max_steps=2, names="short", other_option="same-depth",
+                                    min_root_children=2, format="compact")
+    for r in data["train"]["records"]:
+        children = sum(u == r["root"] for u, _ in r["edges"])
+        assert len(r["steps"]) == 2 and children >= 2 and len(r["idx_to_symbol"]) <= 9
+        assert " ? " in r["question"] and " is a " not in r["question"]  # compact, short names
+        assert all(len(encode(" " + name)) == 1 for name in r["idx_to_symbol"])
