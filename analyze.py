@@ -370,11 +370,11 @@ def mean(values):
 # The command
 
 def references_of(run_path, given, device):
-    """The CoT and No-CoT runs to compare with: the given folders, else those beside the run;
+    """The runs to compare with: the given folders, else the CoT, No-CoT and recurrent ones beside it;
     [(label, run)], labelled by method (or by folder, should two share one)."""
     paths = given.split(",") if given else [
         r for r in runs_in(os.path.dirname(os.path.dirname(os.path.abspath(run_path))))
-        if os.path.basename(r) in ("cot", "no-cot")]
+        if os.path.basename(r) in ("cot", "no-cot", "recurrent")]
     for i, p in enumerate(paths):
         if not p:
             raise InputError(f"--references {given}: an empty name")
@@ -391,8 +391,8 @@ def main(argv=None):
     p.add_argument("--out", type=nonempty,
                    help="where figures and jsonl files go (default: RUN/analysis-<folder>-<file>)")
     p.add_argument("--references", type=nonempty,
-                   help="CoT / No-CoT runs to compare, comma-separated (default: the cot "
-                   "and no-cot runs beside RUN)")
+                   help="CoT / No-CoT runs to compare, comma-separated (default: the cot, no-cot "
+                   "and recurrent runs beside RUN)")
     p.add_argument("--example", type=bounded(int, 0), help="the question of the worked example")
     p.add_argument("--batch-size", type=bounded(int, 1), default=100)
     args = p.parse_args(argv)

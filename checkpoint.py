@@ -27,6 +27,7 @@ from common import ArgumentParser, InputError, check_output, errors_in_one_line,
 from config import RUNTIME_FLAGS
 from data import EOS, N_VOCAB, SPECIAL_TOKENS, Vocab, bpe_dir, encode
 from model import GPT, HUB_MODELS, WEIGHT_FILES, GPTConfig, WeightsUnavailable, fetch_from_hub, read_gpt2_weights
+from recurrent import RecurrentConfig, RecurrentGPT
 
 
 class CheckpointError(InputError):
@@ -160,8 +161,10 @@ def load_model(path, dropout=0.0):
         else:
             raw, config_path = read_checkpoint(path), os.path.join(os.path.dirname(path), "config.json")
             config_path = config_path if os.path.exists(config_path) else None
-            if "model_args" in raw:  # ours
-                gpt = GPT(GPTConfig(**dict(raw["model_args"], dropout=dropout)))
+            if "model_args" in raw:  # ours: a GPT, or a recurrent-depth one
+                recurrent = "n_core" in raw["model_args"]
+                config = (RecurrentConfig if recurrent else GPTConfig)(**dict(raw["model_args"], dropout=dropout))
+                gpt = (RecurrentGPT if recurrent else GPT)(config)
                 gpt.load_state_dict(raw["model"])
                 return gpt, Vocab(raw["vocab"]), raw
         raw, official = official_tensors(raw)
@@ -209,6 +212,9 @@ def export_hf(path, folder):
     if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
         raise CheckpointError(f"{folder}: exists and is not an empty folder; export into a new one")
     gpt, vocab, _ = load_model(path)
+    if isinstance(gpt, RecurrentGPT) or gpt.config.stop_head:
+        what = "a recurrent-depth model" if isinstance(gpt, RecurrentGPT) else "a model with a stop head"
+        raise CheckpointError(f"{path} is {what}, which GPT-2's layout has no place for: no Hugging Face export")
     if vocab.ids is not None:
         raise CheckpointError(f"{path} was trained with --vocab data: it knows {vocab.size} of GPT-2's "
                               f"tokens, under ids of its own, so it cannot be a GPT-2 checkpoint")

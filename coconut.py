@@ -2,16 +2,13 @@
 Chain of Continuous Thought (Coconut; Hao et al., 2024, arXiv 2412.06769): the method, on model.py's GPT.
 
 A continuous thought is the last hidden state (after ln_f) of a position, fed back as the input
-embedding of the next one, a <|latent|> slot, instead of a token's embedding. naive_think says it
-in ten lines, one example at a time; the rest makes that definition trainable and fast:
-1. the curriculum: at stage k the first k reasoning steps of an example are replaced by k*c slots
-   between <|start-latent|> and <|end-latent|>, and the loss ignores question, markers and slots
-   (Curriculum, stage_layout, build_example); examples are padded as the official code does (collate);
-2. Coconut.think: naive_think for a padded batch, with one KV cache instead of recomputing the
-   prefix for every thought; Coconut.forward: the loss, back-propagated through every thought;
-3. Coconut.generate: batched greedy answers, the thoughts first.
-Token ids are the model's own (GPT-2's, or a smaller vocabulary's: data.Vocab); `special` holds
-the ids of eos and the three markers among them (data.SpecialIds).
+embedding of the next one, a <|latent|> slot. naive_think says it in ten lines; the rest makes it
+trainable and fast: the curriculum (at stage k the first k steps of an example become k*c slots
+between <|start-latent|> and <|end-latent|>, the loss ignoring question, markers and slots:
+Curriculum, stage_layout, build_example), the official padding (collate), Coconut.think (naive_think
+for a padded batch, with one KV cache), Coconut.forward (the loss, back-propagated through every
+thought) and Coconut.generate. Token ids are the model's own (GPT-2's, or a smaller vocabulary's:
+data.Vocab); `special` holds the ids of eos and the three markers among them (data.SpecialIds).
 """
 
 from dataclasses import dataclass
@@ -38,8 +35,9 @@ def naive_think(gpt, ids, latent_id=GPT2_SPECIAL_IDS.latent):
 
 
 # The variants of the paper's Table 1, which differ only in the layout of their examples
-# (stage_layout), except "pause", whose <|latent|> is a learned token, fed nothing back.
-METHODS = ("coconut", "cot", "no-cot", "no-thoughts", "pause", "no-curriculum")
+# (stage_layout), except "pause", whose <|latent|> is a learned token, fed nothing back; and the
+# recurrent-depth model (recurrent.py), which thinks in depth in No-CoT's layout.
+METHODS = ("coconut", "cot", "no-cot", "no-thoughts", "pause", "no-curriculum", "recurrent")
 
 
 @dataclass
@@ -52,6 +50,7 @@ class Curriculum:
     max_latent_stage: int = 6  # past this stage every step is gone and the thoughts stop growing
     epochs_per_stage: int = 5
     uniform_prob: float = 0.0  # chance that a training example gets a random stage (the paper's analysis model)
+    pad_latent_to_max: bool = True  # False: an example gets thoughts for its own steps only (as official)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -63,7 +62,7 @@ class Curriculum:
         return self.method in ("coconut", "pause", "no-curriculum")
 
     @property
-    def feedback(self):
+    def feedback(self):  # thoughts fed back: all but "pause as thought"
         return self.method != "pause"
 
     @property
@@ -71,7 +70,8 @@ class Curriculum:
         """The stages this method trains at: CoT and No-CoT have one layout (stage 0 by name),
         no-curriculum only the last stage, the others 0 (CoT) to max_latent_stage + 1 (every step gone)."""
         last = self.max_latent_stage + 1
-        return {"cot": [0], "no-cot": [0], "no-curriculum": [last]}.get(self.method, list(range(last + 1)))
+        return {"cot": [0], "no-cot": [0], "recurrent": [0], "no-curriculum": [last]}.get(self.method,
+                                                                                           list(range(last + 1)))
 
     def schedule(self, stage="all", epochs=None):
         """The stage of each epoch. "all" walks the stages, epochs_per_stage epochs each, and stays in
@@ -90,25 +90,25 @@ def stage_layout(curriculum, stage, n_steps):
 
     Coconut removes min(stage, n_steps) steps and writes min(stage, max_latent_stage) * c thoughts
     (an example with fewer steps than its stage still gets them all, as the official code trains
-    it); past max_latent_stage every step is gone. The variants change one thing each."""
+    it, unless pad_latent_to_max is off); past max_latent_stage every step is gone. The variants
+    change one thing each."""
     cur = curriculum
     if cur.method == "cot":  # stage 0 for ever: the whole chain of thought in language
         return 0, 0
-    if cur.method == "no-cot":  # question straight to answer
+    if cur.method in ("no-cot", "recurrent"):  # question straight to answer
         return n_steps, 0
     if cur.method == "no-curriculum":  # straight to the last stage
         stage = cur.max_latent_stage + 1
     n_removed = n_steps if stage > cur.max_latent_stage else min(stage, n_steps)
     c = 0 if cur.method == "no-thoughts" else cur.c  # "w/o thought": the curriculum, no thoughts
-    return n_removed, min(stage, cur.max_latent_stage) * c
+    return n_removed, min(stage, cur.max_latent_stage, n_steps if not cur.pad_latent_to_max else stage) * c
 
 
 def build_example(tokens, curriculum, stage, *, special=GPT2_SPECIAL_IDS, rng=None, prompt_only=False,
                   n_thoughts=None):
     """input_ids and labels of one example, from a tokenized record (data.tokenize_record's
-    layout, in the model's ids).
-
-    Layout: question [<|start-latent|> <|latent|>*n <|end-latent|>] remaining steps "### answer" eos.
+    layout, in the model's ids): question [<|start-latent|> <|latent|>*n <|end-latent|>] remaining
+    steps "### answer" eos.
     Labels are -100 on the question, the markers and the thoughts (aligned with input_ids; the
     shift happens in the loss). prompt_only stops after the thoughts (for generation);
     n_thoughts overrides the count (the paper's sweep of k at inference).
@@ -131,7 +131,6 @@ def build_example(tokens, curriculum, stage, *, special=GPT2_SPECIAL_IDS, rng=No
 
 def collate(examples, for_generation=False, special=GPT2_SPECIAL_IDS):
     """Pad a list of examples into tensors: input_ids, labels, attention_mask, position_ids.
-
     Training (the official layout): left-pad each row so that every row's first <|latent|> sits in
     the same column, then right-pad to the longest row. Generation: left-pad every prompt to the
     same length, so that all rows continue from the last column.
@@ -155,9 +154,7 @@ def collate(examples, for_generation=False, special=GPT2_SPECIAL_IDS):
             batch["labels"][i, pad:pad + n] = torch.tensor(e["labels"])
         batch["attention_mask"][i, pad:pad + n] = 1
         batch["position_ids"][i, pad:pad + n] = torch.arange(n)
-    if for_generation:
-        del batch["labels"]
-    return batch
+    return {k: v for k, v in batch.items() if k != "labels" or not for_generation}
 
 
 class Coconut(nn.Module):
@@ -204,14 +201,21 @@ class Coconut(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask, position_ids, per_row=False):
         """Mean cross-entropy over the labels that are not -100 (labels aligned with input_ids and
-        shifted here, as the official code does); per_row: each row's summed cross-entropy."""
+        shifted here, as the official code does); per_row: each row's summed cross-entropy. With a
+        stop head (model.GPT's), plus its own loss at each position whose hidden state becomes a
+        thought or ends them: 1 before a <|latent|>, 0 before <|end-latent|>."""
         hidden = self.think(input_ids, attention_mask, position_ids)
         targets = labels[:, 1:]
         supervised = targets != -100
         # the output layer only where there is a label: on a CPU, most of the time saved
         logits = self.gpt.lm_head(hidden[:, :-1][supervised]).float()
         if not per_row:
-            return F.cross_entropy(logits, targets[supervised])
+            loss = F.cross_entropy(logits, targets[supervised])
+            if self.gpt.config.stop_head:
+                go_on, ends = input_ids[:, 1:] == self.special.latent, input_ids[:, 1:] == self.special.end_latent
+                logit = self.gpt.stop_head(hidden[:, :-1][go_on | ends]).float()[:, 0]
+                loss = loss + F.binary_cross_entropy_with_logits(logit, go_on[go_on | ends].float())
+            return loss
         losses = F.cross_entropy(logits, targets[supervised], reduction="none")
         return torch.zeros(len(targets), device=losses.device).index_add_(0, supervised.nonzero()[:, 0], losses)
 
@@ -220,8 +224,7 @@ class Coconut(nn.Module):
         """Greedy answers to a left-padded batch of prompts (question, then any markers and
         <|latent|> slots): runs the thoughts, then decodes with the KV cache, each row stopping at
         its own eos. Returns per row the list of new token ids (prompt and eos excluded)."""
-        B, eos = input_ids.size(0), self.special.eos
-        cache = KVCache()
+        B, eos, cache = input_ids.size(0), self.special.eos, KVCache()
         hidden = self.think(input_ids, attention_mask, position_ids, cache, intervene)
         next_position = position_ids[:, -1] + 1
         # decode until every row has its eos, or the longest row fills the context; on a GPU, asking
@@ -229,8 +232,7 @@ class Coconut(nn.Module):
         # only add eos, cut below)
         n_steps = min(max_new_tokens, self.gpt.config.block_size - int(next_position.max()) + 1)
         check_every = 8 if input_ids.is_cuda else 1
-        logits = self.gpt.lm_head(hidden[:, -1])
-        new_tokens = []
+        logits, new_tokens = self.gpt.lm_head(hidden[:, -1]), []
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for step in range(n_steps):
             token = torch.where(done, eos, logits.argmax(dim=-1))

@@ -42,8 +42,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def given_flags(argv):
-    """The flags written on the command line, as argparse names them: {"n_train", ...}."""
-    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    """The flags written on the command line, as argparse names them: {"n_train", ...}; a
+    --no-x of a yes/no flag is x."""
+    return {a[2:].split("=")[0].removeprefix("no-").replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def flag(name):

@@ -6,6 +6,7 @@ Every flag that would change nothing is refused rather than ignored: which curri
 method uses is found by asking coconut.py (ignored_flags), not written down a second time.
 """
 
+import argparse
 import math
 import os
 import random
@@ -15,6 +16,7 @@ from dataclasses import fields, replace
 from coconut import METHODS, Curriculum, build_example
 from common import ArgumentParser, bounded, ddp, flag, given_flags, world
 from data import FORMATS, NAMES, OTHER_OPTIONS, PROSQA_DEFAULTS, SPLITS, DataError, check_prosqa_settings
+from recurrent import RecurrentConfig
 
 # The paper's training recipe per dataset (Section 4.1 and the official configs): thoughts per
 # step, latent stages, epochs, and the greedy decoding budget of its evaluation.
@@ -42,7 +44,7 @@ PRESETS = {
     "cpu": [
         dict(COMPACT_TASK, out_dir="{out}/lookup", method="no-cot", init="scratch", vocab="data", n_layer=2, n_head=4,
              n_embd=128, block_size=256, data_dir="data/cpu-lookup", data_seed=7, format="lookup", n_train=26000,
-             n_valid=100, n_test=100, epochs=2, warmup_iters=400, best_by="loss", threads=2),
+             n_valid=100, n_test=100, epochs=2, warmup_iters=400, best_by="loss", threads=1),
         dict(COMPACT_TASK, out_dir="{out}", init="{out}/lookup/no-cot", method="coconut,cot,no-cot", jobs=3,
              threads=1, data_dir="data/cpu", data_seed=0, format="compact", n_train=12000, n_valid=200, n_test=500,
              c=2, max_latent_stage=2, epochs_per_stage=2, epochs=8, warmup_iters=50),
@@ -54,6 +56,7 @@ CHAIN_FLAGS = {"seed", "resume", "device", "dtype", "threads", "compile"}
 RUNTIME_FLAGS = {"resume", "device", "dtype", "compile", "threads", "jobs", "eval_batch_size",
                  "out_dir", "name", "data_dir", "train_file", "valid_file", "test_file", "preset", "given"}
 SIZE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+RECURRENT_FLAGS = ("n_prelude", "n_core", "n_coda", "mean_iterations", "backprop_depth")  # recurrent.RecurrentConfig
 GRAPH_FLAGS = tuple(PROSQA_DEFAULTS)  # the ProsQA generator's settings, each a flag of its own
 GENERATOR_FLAGS = {"n_train", "n_valid", "n_test", "data_seed", *GRAPH_FLAGS}
 CURRICULUM_FLAGS = tuple(f.name for f in fields(Curriculum) if f.name != "method")
@@ -113,6 +116,8 @@ def parser():
     for name in SIZE_FLAGS:
         g.add_argument(flag(name), type=count)
     g.add_argument("--vocab", default="full", choices=["full", "data"], help="data: the data's tokens only")
+    for name in RECURRENT_FLAGS:
+        g.add_argument(flag(name), type=count, help=f"--method recurrent (default {getattr(RecurrentConfig, name)})")
     p.add_argument("--dropout", type=share, default=0.1, help="0.1, as the official code")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="{train,valid,test}.json, generated once (default data/<dataset>)")
@@ -134,6 +139,10 @@ def parser():
     g.add_argument("--max-latent-stage", type=natural)
     g.add_argument("--epochs-per-stage", type=count), g.add_argument("--epochs", type=count)
     g.add_argument("--uniform-prob", type=share, default=0.0, help="chance of a random stage per example")
+    g.add_argument("--pad-latent-to-max", action=argparse.BooleanOptionalAction, default=True, help="as the "
+                   "official code: an example with fewer steps than its stage still gets the stage's thoughts")
+    g.add_argument("--stop-head", action="store_true", help="also train a classifier of when to stop thinking "
+                   "(the paper's unshipped option; evaluate.py --exit head)")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=count, default=128, help="micro-batch x accumulation x processes")
     g.add_argument("--micro-batch-size", type=count, help="default: 16 on a CPU; on a GPU the batch of a "
@@ -174,8 +183,17 @@ def check_args(p, args, given):
         except ValueError as e:
             p.error(f"--stage {args.stage}: {e}")
     if args.init != "scratch":
-        for name in sorted(given & {*SIZE_FLAGS, "vocab"}):
+        for name in sorted(given & {*SIZE_FLAGS, *RECURRENT_FLAGS, "vocab"}):
             p.error(f"{flag(name)} is for --init scratch: --init {args.init} brings its own")
+    recurrent = [m == "recurrent" for m in args.methods]
+    if not any(recurrent):
+        for name in sorted(given & set(RECURRENT_FLAGS)):
+            p.error(f"{flag(name)} is for --method recurrent")
+    elif all(recurrent) and "n_layer" in given:
+        p.error("--n-layer is a GPT's: the recurrent model's layers are --n-prelude, --n-core and --n-coda")
+    if args.stop_head and not any(curriculum_of(args, m).markers and curriculum_of(args, m).feedback
+                                  for m in args.methods):
+        p.error(f"--stop-head learns when to stop thinking: {args.method} has no thoughts")
     elif (args.n_embd or 768) % (args.n_head or 12):
         p.error(f"--n-embd {args.n_embd or 768} is not a multiple of --n-head {args.n_head or 12}")
     not_generated = None  # why the generator's flags cannot apply to the data
@@ -230,11 +248,12 @@ def on_gpu(args):
 
 def curriculum_of(args, method):
     """The curriculum that train.py's flags (or a run's saved flags) describe."""
-    return Curriculum(method, **{name: getattr(args, name) for name in CURRICULUM_FLAGS})
+    # a flag the run's flags lack (an official checkpoint, an older run) keeps the paper's default
+    return Curriculum(method, **{name: getattr(args, name) for name in CURRICULUM_FLAGS if hasattr(args, name)})
 
 
-# an example with three steps, whose layout every curriculum flag may change
-PROBE = {"question": [1], "steps": [[2], [3], [4]], "answer": [5]}
+# examples with three steps and one, whose layouts every curriculum flag may change
+PROBES = [{"question": [1], "steps": [[2], [3], [4]], "answer": [5]}, {"question": [1], "steps": [[2]], "answer": [5]}]
 
 
 def ignored_flags(args, method):
@@ -242,9 +261,10 @@ def ignored_flags(args, method):
     its schedule and its examples at each of its stages (with stage mixing) stay the same."""
     def trace(curriculum):
         rng = random.Random(0)
-        examples = [build_example(PROBE, curriculum, s, rng=rng) for s in curriculum.stages for _ in range(8)]
+        examples = [build_example(t, curriculum, s, rng=rng) for s in curriculum.stages for t in PROBES for _ in range(8)]
         return curriculum.stages, curriculum.schedule(args.stage, 12), examples
     base = replace(curriculum_of(args, method), uniform_prob=0.5)
     other = dict(c=base.c + 1, max_latent_stage=base.max_latent_stage + 1,
-                 epochs_per_stage=base.epochs_per_stage + 1, uniform_prob=0.0)
+                 epochs_per_stage=base.epochs_per_stage + 1, uniform_prob=0.0,
+                 pad_latent_to_max=not base.pad_latent_to_max)
     return {name for name in CURRICULUM_FLAGS if trace(base) == trace(replace(base, **{name: other[name]}))}

@@ -28,6 +28,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in its Linears and LayerNorms
+    stop_head: bool = False  # Coconut's classifier of when to stop thinking (coconut.Coconut.forward)
 
 
 class KVCache:
@@ -136,6 +137,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying, as in GPT-2: the output layer is the token embedding
         self.transformer.wte.weight = self.lm_head.weight
+        if config.stop_head:
+            self.add_stop_head()
         self.apply(self._init_weights)
         # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -149,6 +152,13 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def add_stop_head(self):
+        """Coconut's classifier of when to stop thinking, the paper's unshipped option (Section 3): a
+        "go on?" logit from the hidden state that would become the next thought."""
+        self.config.stop_head = True
+        self.stop_head = nn.Linear(self.config.n_embd, 1, device=self.lm_head.weight.device)
+        self._init_weights(self.stop_head)
 
     def get_num_params(self, non_embedding=True):
         n_params = sum(p.numel() for p in self.parameters())
@@ -167,6 +177,20 @@ class GPT(nn.Module):
             (the cache remembers the mask of the positions it holds).
         cache: a KVCache that is read, then extended with the new positions.
         """
+        x, attn_mask, key_mask = self.inputs(idx, embeds, position_ids, attention_mask, cache)
+        past_len = 0 if cache is None else len(cache)
+        new_layers = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block(x, attn_mask, cache.layers[i] if past_len > 0 else None)
+            new_layers.append(kv)
+        if cache is not None:
+            cache.layers, cache.key_mask = new_layers, key_mask
+        return self.transformer.ln_f(x)
+
+    def inputs(self, idx, embeds, position_ids, attention_mask, cache=None):
+        """What the blocks take (hidden's arguments): the input embeddings plus positions, after
+        dropout; the attention mask of the new positions over the cached and new ones (None: plainly
+        causal); and the padding mask of all of them, for the cache."""
         assert (idx is None) != (embeds is None), "pass token ids or input embeddings, not both"
         x = self.transformer.wte(idx) if embeds is None else embeds
         B, T, _ = x.shape
@@ -177,23 +201,12 @@ class GPT(nn.Module):
                                  f"{self.config.block_size} positions")
             position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))
-
         # the causal fast path when there is nothing to mask but the future
-        attn_mask = None
-        if attention_mask is not None or past_len > 0:
-            new_mask = (torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None
-                        else attention_mask.bool())
-            key_mask = new_mask if past_len == 0 else torch.cat([cache.key_mask, new_mask], dim=1)
-            attn_mask = attention_mask_for(key_mask, T)
-
-        new_layers = []
-        for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, attn_mask, cache.layers[i] if past_len > 0 else None)
-            new_layers.append(kv)
-        if cache is not None:
-            cache.layers = new_layers
-            cache.key_mask = key_mask if attn_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-        return self.transformer.ln_f(x)
+        new_mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        if attention_mask is None and past_len == 0:
+            return x, None, new_mask
+        key_mask = new_mask if past_len == 0 else torch.cat([cache.key_mask, new_mask], dim=1)
+        return x, attention_mask_for(key_mask, T), key_mask
 
     def forward(self, idx=None, targets=None, embeds=None, position_ids=None, attention_mask=None,
                 cache=None, return_hidden=False):

@@ -23,15 +23,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from checkpoint import (check_run_folders, fetch_weights, load_model, read_checkpoint, resume_checkpoint, rng_state,
-                        save_checkpoint, set_rng_state)
-from coconut import Coconut
+from checkpoint import (CheckpointError, check_run_folders, fetch_weights, load_model, read_checkpoint,
+                        resume_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from common import (InputError, barrier, ddp, errors_in_one_line, master, rank, setup_device, world, write_atomic,
                     write_jsonl)
-from config import GENERATOR_FLAGS, GRAPH_FLAGS, SIZE_FLAGS, curriculum_of, get_chain
+from config import GENERATOR_FLAGS, GRAPH_FLAGS, RECURRENT_FLAGS, SIZE_FLAGS, curriculum_of, get_chain
 from data import SPLITS, DataError, Vocab, fresh_records, gsm8k_help, load_split, prepare_splits, tokenize_record
-from evaluate import Run, check_fits, evaluate
+from evaluate import Run, answerer, check_fits, evaluate
 from model import GPT, HUB_MODELS, GPTConfig
+from recurrent import RecurrentConfig, RecurrentGPT
 
 
 class TrainError(InputError):
@@ -189,7 +189,7 @@ def fresh_tokens(args, run, epoch, data):
     return tokens
 
 
-def build_model(args, data, ckpt, run_dir):
+def build_model(args, method, data, ckpt, run_dir):
     """(gpt, vocab) to train: the checkpoint's to resume, --init's, or a new one from scratch."""
     if ckpt is not None:
         gpt, vocab, _ = load_model(os.path.join(run_dir, "ckpt.pt"), args.dropout)
@@ -198,7 +198,17 @@ def build_model(args, data, ckpt, run_dir):
     else:
         vocab = Vocab.of([t for d in data.values() for t in d["tokens"]]) if args.vocab == "data" else Vocab()
         sizes = {k: getattr(args, k) or getattr(GPTConfig, k) for k in SIZE_FLAGS}  # GPT-2 124M's
-        gpt = GPT(GPTConfig(**sizes, vocab_size=vocab.size, dropout=args.dropout))
+        sizes.update(vocab_size=vocab.size, dropout=args.dropout)
+        if method == "recurrent":
+            depth = {k: getattr(args, k) or getattr(RecurrentConfig, k) for k in RECURRENT_FLAGS}
+            gpt = RecurrentGPT(RecurrentConfig(**sizes, **depth))
+        else:
+            gpt = GPT(GPTConfig(**sizes))
+    if (method == "recurrent") != isinstance(gpt, RecurrentGPT):
+        raise CheckpointError(f"--init {args.init}: " + ("--method recurrent trains a recurrent-depth model, not a "
+                              "GPT" if method == "recurrent" else f"a recurrent-depth model, not one for {method}"))
+    if args.stop_head and not gpt.config.stop_head:
+        gpt.add_stop_head()
     if args.compile:
         for block in gpt.transformer.h:
             block.compile(dynamic=True)  # Coconut's passes have many lengths
@@ -214,13 +224,13 @@ def train_method(args, method, data, device, ctx):
         print(f"{run_dir}: already finished")
         return ckpt["test"]
     torch.manual_seed(args.seed + rank)
-    gpt, vocab = build_model(args, data, ckpt, run_dir)
+    gpt, vocab = build_model(args, method, data, ckpt, run_dir)
     stages = set(schedule) | ({0} if args.uniform_prob else set())  # mixing may draw stage 0
     for d in data.values():
         check_fits(d["tokens"], d["path"], curriculum, sorted(stages), gpt.config.block_size, vocab)
     # the questions in the model's ids, once
     data = {s: dict(d, tokens=[vocab.map_tokens(t) for t in d["tokens"]]) for s, d in data.items()}
-    run = Run(Coconut(gpt.to(device), vocab.special, curriculum.feedback), vocab, curriculum, stage=None)
+    run = Run(answerer(gpt.to(device), vocab, curriculum), vocab, curriculum, stage=None)
     train_model = torch.nn.parallel.DistributedDataParallel(
         run.model, device_ids=[device] if device.startswith("cuda") else None) if ddp else run.model
     new_optimizer = lambda: gpt.configure_optimizers(  # noqa: E731
@@ -331,10 +341,10 @@ def train_in_parallel(args, data):
 def print_table(args, results, seconds):
     chance = " (chance: 50%)" if args.dataset in ("prosqa", "prontoqa") else ""
     print(f"\n{args.dataset} test accuracy{chance}, {seconds:.0f} s in all:")
-    print("| method | test acc | val acc | tokens | passes | minutes |\n|---|---|---|---|---|---|")
+    print("| method | test acc | val acc | tokens | passes | MFLOPs | minutes |\n|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['method']} | {100 * r['test_acc']:.1f}% | {100 * r['val_acc']:.1f}% | "
-              f"{r['test_tokens']:.1f} | {r['test_passes']:.1f} | {r['train_minutes']:.1f} |")
+        print(f"| {r['method']} | {100 * r['test_acc']:.1f}% | {100 * r['val_acc']:.1f}% | {r['test_tokens']:.1f} | "
+              f"{r['test_passes']:.1f} | {r['test_flops'] / 1e6:.2f} | {r['train_minutes']:.1f} |")
 
 
 def chance_note(args, result):

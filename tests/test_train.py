@@ -645,10 +645,10 @@ def test_the_paper_recipe_generates_its_data_on_first_use(tmp_path):
 
 
 def test_the_default_micro_batch_divides_the_batch():
-    """Without --micro-batch-size a CPU takes up to 16 rows at once, as many as divide the batch:
-    --batch-size 24 gives micro-batches of 8 (3 of them), 48 gives 16, 6 gives 6."""
+    """Without --micro-batch-size a CPU takes up to 16 rows at once, the greatest common divisor of
+    16 and the batch: --batch-size 24 gives micro-batches of 8 (3 of them), 48 gives 16, 6 gives 2."""
     from config import get_args
-    for batch, micro in ((24, 8), (48, 16), (6, 6), (128, 16), (7, 1)):
+    for batch, micro in ((24, 8), (48, 16), (6, 2), (128, 16), (7, 1)):
         assert get_args(["--batch-size", str(batch), "--device", "cpu"]).micro_batch_size == micro, batch
 
 
@@ -670,3 +670,62 @@ def test_every_generator_flag_reaches_the_generator(tmp_path):
         assert len(r["steps"]) == 2 and children >= 2 and len(r["idx_to_symbol"]) <= 9
         assert " ? " in r["question"] and " is a " not in r["question"]  # compact, short names
         assert all(len(encode(" " + name)) == 1 for name in r["idx_to_symbol"])
+
+
+RECURRENT = [*without(SINGLE_STAGE, "--n-layer"), "--n-prelude", "1", "--n-core", "1", "--n-coda", "1",
+             "--mean-iterations", "3", "--backprop-depth", "2", "--method", "recurrent"]
+
+
+def test_the_recurrent_model_trains_and_is_evaluated_at_each_depth(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    r = run("train.py", *RECURRENT, "--data-dir", tiny["data"], "--out-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = read_log(os.path.join(out, "recurrent"))[-1]
+    assert final["test"] and final["test_passes"] == pytest.approx(final["test_tokens"] + 1)  # no thoughts
+    assert final["test_iterations"] == 3  # its mean in training, at evaluation
+    r = run("evaluate.py", os.path.join(out, "recurrent"), "--iterations", "1,2,6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if "accuracy" in line]
+    assert [line.split()[0] for line in lines] == ["r=1", "r=2", "r=6"]
+    assert [float(line.split("iterations ")[1].split()[0]) for line in lines] == [1, 2, 6]
+    flops = [float(line.split(" MFLOPs")[0].split()[-1]) for line in lines]
+    assert flops[0] < flops[1] < flops[2]
+    r = run("evaluate.py", os.path.join(out, "recurrent"), "--exit", "kl", "--iterations", "6", "--exit-threshold", "1")
+    assert r.returncode == 0 and "iterations 2.00" in r.stdout, r.stdout  # any change is below 1: stops at the first check
+    assert run(script("sample.py"), os.path.join(out, "recurrent"), "--num", "1", cwd=tmp_path).returncode == 0
+    r = run("analyze.py", os.path.join(out, "recurrent"))
+    assert r.returncode == 1 and "no continuous thoughts" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_coconut_with_a_stop_head_decides_its_thoughts(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    # two latent stages, so that a 1-step question gets 1 thought at stage 2 and a 2-step one 2
+    args = [*without(TINY, "--max-latent-stage"), "--max-latent-stage", "2", "--stop-head", "--no-pad-latent-to-max"]
+    r = run("train.py", *args, "--data-dir", tiny["data"], "--out-dir", out, "--method", "coconut")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for exit in ("head", "kl"):
+        r = run("evaluate.py", os.path.join(out, "coconut"), "--exit", exit)
+        assert r.returncode == 0, r.stderr[-3000:]
+        thoughts = float(r.stdout.split("thoughts ")[1].split()[0])
+        assert r.stdout.count("accuracy") == 1 and 0 <= thoughts <= 2  # at most its last stage's two
+
+
+def test_the_new_flags_are_refused_where_they_change_nothing(tiny):
+    ckpt = os.path.join(tiny["run"], "best.pt")
+    for args, expected in (
+            ([*SINGLE_STAGE, "--method", "cot", "--stop-head"], "--stop-head learns when to stop thinking: cot"),
+            ([*SINGLE_STAGE, "--method", "cot", "--no-pad-latent-to-max"], "--pad-latent-to-max changes nothing for cot"),
+            ([*SINGLE_STAGE, "--method", "cot", "--n-core", "2"], "--n-core is for --method recurrent"),
+            ([*RECURRENT, "--n-layer", "2"], "--n-layer is a GPT's"),
+            ([*without(RECURRENT, "--init", "--vocab", "--n-head", "--n-embd", "--block-size", "--n-prelude", "--n-core",
+                       "--n-coda", "--mean-iterations", "--backprop-depth"), "--init", ckpt],
+             "--method recurrent trains a recurrent-depth model, not a GPT")):
+        r = run("train.py", *args, "--data-dir", tiny["data"], "--out-dir", str(tiny["root"] / "out-refused"))
+        assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
+        assert not os.path.exists(tiny["root"] / "out-refused" / "coconut" / "ckpt.pt")
+    for args, expected in (([tiny["run"], "--iterations", "2"], "--iterations: a coconut model has no loop"),
+                           ([tiny["run"], "--exit", "head"], "has no stop head (train.py --stop-head trains one)"),
+                           ([tiny["run"], "--exit-threshold", "0.1"], "--exit-threshold is the threshold of --exit kl"),
+                           ([tiny["run"], "--exit", "kl", "--n-thoughts", "1"], "--exit decides the number of thoughts")):
+        r = run("evaluate.py", *args)
+        assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
