@@ -22,7 +22,7 @@ from analyze import (ABLATIONS, CATEGORIES, ablations, classify, frontier_hits, 
                      node_values, reached_in, value_tables)
 from evaluate import Run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example  # noqa: E402
-from conftest import small_prosqa  # noqa: E402
+from conftest import run_all, small_prosqa  # noqa: E402
 from data import LATENT, Vocab, children_of, encode, save_records, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from coconut import naive_think  # noqa: E402
@@ -270,7 +270,7 @@ def test_analyze_refuses_bad_input(runs, tmp_path):
     with open(os.path.join(runs["data"], "test.json")) as f:
         no_edges = [{k: v for k, v in r.items() if k != "edges"} for r in json.load(f)]
     save_records(no_edges, str(tmp_path / "no-edges.json"))
-    for args, expected in [
+    cases = [
         ([runs["coconut"], "--file", prontoqa], "prontoqa.json: record 0: no 'idx_to_symbol'"),
         ([runs["coconut"], "--file", str(tmp_path / "no-edges.json")], "no-edges.json: record 0: 'edges'"),
         ([runs["cot"]], "a cot model has no continuous thoughts"),
@@ -279,14 +279,12 @@ def test_analyze_refuses_bad_input(runs, tmp_path):
         ([runs["coconut"], "--device", "foo"], "--device foo"),
         ([runs["coconut"], "--example", "99"], "--example 99"),
         ([str(tmp_path / "nope")], "nope"),
-    ]:
-        r = run_script("analyze.py", *args, "--out", str(tmp_path / "out"))
+    ]
+    cases = [(["analyze.py", *args, "--out", tmp_path / "out"], expected) for args, expected in cases] + [
+        (["analyze.py", runs["coconut"], *args], expected) for args, expected in [
+            (["--out", prontoqa], "--out " + prontoqa + ": a file, not a folder"),
+            (["--out", os.path.join(prontoqa, "sub")], "is not a folder that can be written in"),
+            (["--references", f"{runs['cot']},{runs['cot']}"], runs["cot"] + " twice")]]
+    for (args, expected), r in zip(cases, run_all([args for args, _ in cases])):
         assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
-        assert not os.path.exists(tmp_path / "out")
-    for args, expected in [
-        (["--out", prontoqa], "--out " + prontoqa + ": a file, not a folder"),
-        (["--out", os.path.join(prontoqa, "sub")], "is not a folder that can be written in"),
-        (["--references", f"{runs['cot']},{runs['cot']}"], runs["cot"] + " twice"),
-    ]:
-        r = run_script("analyze.py", runs["coconut"], *args)
-        assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert not os.path.exists(tmp_path / "out")

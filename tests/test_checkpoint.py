@@ -21,6 +21,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from checkpoint import CheckpointError, export_hf, load_model  # noqa: E402
+from conftest import run_all  # noqa: E402
 from evaluate import load_run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
 from data import LATENT, Vocab, make_splits, tokenize_record  # noqa: E402
@@ -210,11 +211,10 @@ def test_bad_checkpoints_and_flags_are_refused(official, tmp_path):
          "is not a folder that can be written in"),
         (["checkpoint.py", official["coconut"], "--export", ""], "--export: must not be empty"),
     ]
-    for args, expected in cases:
-        before = sorted(os.listdir(official["root"] / "data"))
-        r = run_script(*map(str, args))
+    before = sorted(os.listdir(official["root"] / "data"))
+    for (args, expected), r in zip(cases, run_all([args for args, _ in cases])):
         assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
-        assert sorted(os.listdir(official["root"] / "data")) == before
+    assert sorted(os.listdir(official["root"] / "data")) == before
     assert not os.path.exists(tmp_path / "x")
 
 

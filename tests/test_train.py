@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
-from conftest import small_prosqa  # noqa: E402
+from conftest import run_all, small_prosqa  # noqa: E402
 from data import Vocab, encode, save_records  # noqa: E402
 from evaluate import Run  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -382,16 +382,18 @@ def bad_inputs(tiny):
 
 
 def test_bad_inputs_fail_clearly_and_touch_nothing(tiny):
-    for name, args, env, expected in bad_inputs(tiny):
-        out = tiny["root"] / f"out-bad-{name.replace(' ', '-')}"
-        before = snapshot(tiny["root"] / "data")
-        r = run("train.py", "--data-dir", tiny["data"], "--out-dir", str(out), *args, env=env)
+    cases = bad_inputs(tiny)
+    outs = [tiny["root"] / f"out-bad-{name.replace(' ', '-')}" for name, *_ in cases]
+    before = snapshot(tiny["root"] / "data")
+    results = run_all([["train.py", "--data-dir", tiny["data"], "--out-dir", out, *args]
+                       for out, (_, args, _, _) in zip(outs, cases)], [env for _, _, env, _ in cases])
+    for (name, _, _, expected), out, r in zip(cases, outs, results):
         assert r.returncode == 1, (name, r.stderr[-2000:])
         assert expected in r.stderr, (name, r.stderr[-2000:])
         one_line = r.stderr.count("\n") == 1 or name == "gsm8k missing"  # which prints the commands to run
         assert r.stderr.startswith("error: ") and one_line, (name, r.stderr[-2000:])
         assert not os.path.exists(out), name  # no run folder for a run that never started
-        assert snapshot(tiny["root"] / "data") == before, name
+    assert snapshot(tiny["root"] / "data") == before
     assert not os.path.exists(tiny["root"] / "payload-ran")  # the checkpoint's code never ran
 
 
@@ -712,20 +714,20 @@ def test_a_coconut_with_a_stop_head_decides_its_thoughts(tiny, tmp_path):
 
 def test_the_new_flags_are_refused_where_they_change_nothing(tiny):
     ckpt = os.path.join(tiny["run"], "best.pt")
-    for args, expected in (
-            ([*SINGLE_STAGE, "--method", "cot", "--stop-head"], "--stop-head learns when to stop thinking: cot"),
+    cases = (([*SINGLE_STAGE, "--method", "cot", "--stop-head"], "--stop-head learns when to stop thinking: cot"),
             ([*SINGLE_STAGE, "--method", "cot", "--no-pad-latent-to-max"], "--pad-latent-to-max changes nothing for cot"),
             ([*SINGLE_STAGE, "--method", "cot", "--n-core", "2"], "--n-core is for --method recurrent"),
             ([*RECURRENT, "--n-layer", "2"], "--n-layer is a GPT's"),
             ([*without(RECURRENT, "--init", "--vocab", "--n-head", "--n-embd", "--block-size", "--n-prelude", "--n-core",
                        "--n-coda", "--mean-iterations", "--backprop-depth"), "--init", ckpt],
-             "--method recurrent trains a recurrent-depth model, not a GPT")):
-        r = run("train.py", *args, "--data-dir", tiny["data"], "--out-dir", str(tiny["root"] / "out-refused"))
+             "--method recurrent trains a recurrent-depth model, not a GPT"))
+    cases = [(["train.py", *args, "--data-dir", tiny["data"], "--out-dir", tiny["root"] / "out-refused"], expected)
+             for args, expected in cases]
+    cases += [(["evaluate.py", *args], expected) for args, expected in (
+        ([tiny["run"], "--iterations", "2"], "--iterations: a coconut model has no loop"),
+        ([tiny["run"], "--exit", "head"], "has no stop head (train.py --stop-head trains one)"),
+        ([tiny["run"], "--exit-threshold", "0.1"], "--exit-threshold is the threshold of --exit kl"),
+        ([tiny["run"], "--exit", "kl", "--n-thoughts", "1"], "--exit decides the number of thoughts"))]
+    for (args, expected), r in zip(cases, run_all([args for args, _ in cases])):
         assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
-        assert not os.path.exists(tiny["root"] / "out-refused" / "coconut" / "ckpt.pt")
-    for args, expected in (([tiny["run"], "--iterations", "2"], "--iterations: a coconut model has no loop"),
-                           ([tiny["run"], "--exit", "head"], "has no stop head (train.py --stop-head trains one)"),
-                           ([tiny["run"], "--exit-threshold", "0.1"], "--exit-threshold is the threshold of --exit kl"),
-                           ([tiny["run"], "--exit", "kl", "--n-thoughts", "1"], "--exit decides the number of thoughts")):
-        r = run("evaluate.py", *args)
-        assert r.returncode == 1 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
+    assert not os.path.exists(tiny["root"] / "out-refused")
