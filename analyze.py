@@ -2,10 +2,10 @@
 What the continuous thoughts hold: the paper's analyses of latent reasoning on ProsQA (Hao et al.,
 2024, Section 5, Figures 5-9), for a trained run, with tables, figures and the data behind them.
 
-    python analyze.py out/cpu-small/coconut        # after python train.py --preset cpu
+    python analyze.py out/cpu/coconut              # after python train.py --preset cpu
     python analyze.py RUN --file data/prosqa/test.json --out results/
 
-The results go to RUN's folder, in analysis-<data folder>-<file name>/ (e.g. analysis-prosqa-small-test).
+The results go to RUN's folder, in analysis-<data folder>-<file name>/ (e.g. analysis-cpu-test).
 ProsQA's sentences and its compact format (data.py --format compact: "X Y ." facts) are both read.
 
 1. k-sweep (Figure 5). The same model gets k = 0, 1, ... thoughts, then writes the rest of the chain

@@ -41,8 +41,9 @@ PRESETS = {
     # pretraining stands behind the paper's models, and hands on the epoch of the lowest validation
     # loss (an exact restatement is rarely right, so accuracy ties at 0-2%). Coconut, CoT and No-CoT
     # then start from that model, side by side, a process and a thread each. Coconut's AdamW starts
-    # afresh at each stage; a long warm-up after each reset (400 steps, about an epoch) is what made
-    # its latent stage learn on every seed measured, where 50 steps left 3 seeds of 10 at chance.
+    # afresh at each stage; a long warm-up after each reset (400 steps, about an epoch) made its
+    # latent stage learn on 10 seeds of 10 on one machine, where 50 steps left 3 at chance; on
+    # another machine it is still a draw on some seeds (README: when a run does not learn).
     "cpu": [
         dict(COMPACT_TASK, out_dir="{out}/lookup", method="no-cot", init="scratch", vocab="data", n_layer=2, n_head=4,
              n_embd=128, block_size=256, data_dir="data/cpu-lookup", data_seed=7, format="lookup", n_train=26000,

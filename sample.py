@@ -3,7 +3,7 @@ Ask trained models questions and look at their continuous thoughts.
 
     python sample.py                                   # the newest runs (e.g. the CPU preset's), side by side
     python sample.py out/prosqa/coconut --index 0,17,42
-    python sample.py out/cpu-small --file data/prosqa-small/valid.json --num 5 --n-thoughts 0,3
+    python sample.py out/cpu --file data/cpu/valid.json --num 5 --n-thoughts 0,4
     python sample.py --question "Every lempus is a zumpus. Tom is a lempus. Is Tom a zumpus or gorpus?"
 
 A continuous thought is a hidden state, not a token. Two ways to read it are shown:
