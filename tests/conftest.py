@@ -18,12 +18,17 @@ def small_prosqa(tmp_path_factory, name, seed, sizes, **knobs):
     return root, str(root / "data"), str(root / "out")
 
 
+def run_script(*args, cwd=ROOT, env=None, timeout=300):
+    """python ARGS (a script of the repository and its arguments, or -c CODE), run as a user runs
+    it, from the repository's folder unless cwd says otherwise; the CompletedProcess, as text."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
 def run_all(commands, envs=None):
-    """Each command (a script of the repository and its arguments) in a process of its own, two at a
-    time, from the repository's folder; their CompletedProcess, in order. The refusal tests start
-    many processes, each of which spends most of its time importing torch."""
-    def one(command, env):
-        return subprocess.run([sys.executable, *map(str, command)], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300, env=dict(os.environ, **(env or {})))
+    """Each command (run_script's arguments) in a process of its own, two at a time; their
+    CompletedProcess, in order. The refusal tests start many processes, each of which spends most
+    of its time importing torch."""
     with ThreadPoolExecutor(2) as pool:
-        return list(pool.map(one, commands, envs or [None] * len(commands)))
+        return list(pool.map(lambda command, env: run_script(*command, env=env), commands,
+                             envs or [None] * len(commands)))

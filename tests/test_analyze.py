@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,7 +21,7 @@ from analyze import (ABLATIONS, CATEGORIES, ablations, classify, frontier_hits, 
                      node_values, reached_in, value_tables)
 from evaluate import Run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example  # noqa: E402
-from conftest import run_all, small_prosqa  # noqa: E402
+from conftest import run_all, run_script, small_prosqa  # noqa: E402
 from data import LATENT, Vocab, children_of, encode, save_records, tokenize_record  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from coconut import naive_think  # noqa: E402
@@ -209,11 +208,6 @@ def test_ablations_change_the_thoughts_exactly_as_described(monkeypatch):
             assert not torch.allclose(written[j], expected, atol=1e-2)
 
 
-def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-
-
 TINY = ["--init", "scratch", "--vocab", "data", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
         "--block-size", "160", "--batch-size", "8", "--micro-batch-size", "8", "--learning-rate", "3e-3",
         "--max-new-tokens", "24", "--eval-batch-size", "16"]
@@ -256,7 +250,7 @@ def test_analyze_writes_tables_figures_and_data(runs):
 def test_sample_shows_the_newest_runs_side_by_side_with_node_values(runs):
     """With no arguments, sample.py answers with every run of the newest output folder under out/
     (after the CPU preset: Coconut, CoT, No-CoT), Coconut's thoughts read as values of graph nodes."""
-    r = run_script("sample.py", "--num", "2", cwd=runs["root"])
+    r = run_script(os.path.join(ROOT, "sample.py"), "--num", "2", cwd=runs["root"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Q: ") == 2 and r.stdout.count("  coconut (") == 2 and r.stdout.count("  cot (") == 2
     assert r.stdout.index("  coconut (") < r.stdout.index("  cot (")

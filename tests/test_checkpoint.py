@@ -12,7 +12,6 @@ transformers is not needed; where it is installed, the exported folder is also l
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from checkpoint import CheckpointError, export_hf, load_model  # noqa: E402
-from conftest import run_all  # noqa: E402
+from conftest import run_all, run_script  # noqa: E402
 from evaluate import load_run  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
 from data import LATENT, Vocab, make_splits, tokenize_record  # noqa: E402
@@ -116,10 +115,6 @@ def test_exported_folder_loads_back_to_the_same_logits(tmp_path):
     with torch.no_grad():
         theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()(idx).logits
     torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=1e-4)
-
-
-def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from coconut import Coconut, Curriculum, build_example, collate  # noqa: E402
-from conftest import run_all, small_prosqa  # noqa: E402
+from conftest import run_all, run_script, small_prosqa  # noqa: E402
 from data import Vocab, encode, save_records  # noqa: E402
 from evaluate import Run  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -59,9 +59,8 @@ ONE_STAGE = without(TINY, "--epochs")
 
 
 def run(*args, env=None, cwd=ROOT):
-    """Run a script of the repository; returns the CompletedProcess (stdout and stderr as text)."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=180,
-                          env=dict(os.environ, **(env or {})))
+    """A script of the repository, run as a user runs it (conftest.run_script), within 3 minutes."""
+    return run_script(*args, cwd=cwd, env=env, timeout=180)
 
 
 def script(name):
